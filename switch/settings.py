@@ -1,0 +1,804 @@
+"""Typed settings for the softswitch, loaded from one YAML file.
+
+The YAML is read with ruamel.yaml's round-trip loader so that every mapping key and
+sequence item keeps its line number; the data is then validated by pydantic models
+(unknown keys are refused). Every problem found is reported as one line
+
+    file:line: dotted.key[0].path: problem
+
+collected in :class:`ConfigError.errors`; nothing here ever lets a traceback reach
+the operator. ``docs/configuration.md`` is the reference for every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import phonenumbers
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+__all__ = [
+    "Account",
+    "Auth",
+    "BanPolicy",
+    "ConfigError",
+    "Device",
+    "Listen",
+    "Logging",
+    "Registrar",
+    "Settings",
+    "Store",
+    "Switch",
+    "Tls",
+    "load_settings",
+    "load_settings_text",
+]
+
+Path_ = tuple[str | int, ...]
+
+MAX_DEVICES_PER_ACCOUNT = 1000
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``errors`` holds one ``file:line: key: problem``
+    line per problem found."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors: list[str] = list(errors)
+
+
+# --------------------------------------------------------------------------------------
+# Reporting several problems from one validator
+# --------------------------------------------------------------------------------------
+
+_PROBLEMS = "config_problems"
+
+
+class _Problems:
+    """Collects ``(relative key path, message)`` pairs inside a model validator and raises
+    them all at once; :func:`_format_errors` expands them back into separate lines."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Path_, str]] = []
+
+    def add(self, path: Path_, message: str) -> None:
+        self.items.append((path, message))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise PydanticCustomError(
+                _PROBLEMS,
+                "{summary}",
+                {"summary": "; ".join(m for _, m in self.items), "problems": tuple(self.items)},
+            )
+
+
+def _one_problem(path: Path_, message: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        _PROBLEMS, "{summary}", {"summary": message, "problems": ((path, message),)}
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Field helpers
+# --------------------------------------------------------------------------------------
+
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+_SIP_USER = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=-]{1,64}$")
+_ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _require_text(value: Any, example: str) -> Any:
+    """Numbers typed without quotes lose leading zeros and '+' in YAML: insist on quotes."""
+    if isinstance(value, bool) or isinstance(value, int | float):
+        raise ValueError(f'must be a quoted string (write it as "{example}")')
+    return value
+
+
+def _e164(value: str) -> str:
+    text = value.strip().replace(" ", "").replace("-", "")
+    if not text.startswith("+"):
+        raise ValueError('must be an E.164 number starting with "+", e.g. "+33123456789"')
+    try:
+        parsed = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"is not a phone number ({exc._msg})") from None
+    if not phonenumbers.is_possible_number(parsed):
+        raise ValueError("is not a possible phone number for its country code")
+    normalized = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if not _E164.match(normalized):
+        raise ValueError("is not a valid E.164 number")
+    return normalized
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+class Switch(_Model):
+    node_id: str = Field(
+        default="node-1", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$"
+    )
+    domains: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"], min_length=1)
+    user_agent: str = Field(default="softswitch/0.1", min_length=1, max_length=200)
+    max_message_size: int = Field(default=65535, ge=1024, le=16 * 1024 * 1024)
+
+    @field_validator("domains")
+    @classmethod
+    def _check_domains(cls, domains: list[str]) -> list[str]:
+        problems = _Problems()
+        seen: set[str] = set()
+        normalized: list[str] = []
+        for index, domain in enumerate(domains):
+            name = domain.strip().lower()
+            if name.startswith("[") and name.endswith("]"):
+                name = name[1:-1]
+            try:
+                name = str(ipaddress.ip_address(name))
+            except ValueError:
+                if not _DOMAIN.match(name):
+                    problems.add((index,), "must be a host name or an IP address")
+                    continue
+            if name in seen:
+                problems.add((index,), f"duplicate domain {name!r}")
+            seen.add(name)
+            normalized.append(name)
+        problems.raise_if_any()
+        return normalized
+
+
+class Listen(_Model):
+    transport: Literal["udp", "tcp", "tls"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, host: str) -> str:
+        text = host.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            raise ValueError("must be an IPv4 or IPv6 address literal") from None
+
+
+class Tls(_Model):
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
+class Registrar(_Model):
+    min_expires: int = Field(default=60, ge=1)
+    max_expires: int = Field(default=7200, ge=1, le=7 * 24 * 3600)
+    default_expires: int = Field(default=3600, ge=1)
+    max_contacts_per_aor: int = Field(default=10, ge=1, le=100)
+    keepalive_interval: int = Field(default=30, ge=0, le=3600)
+    keepalive_failures: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Registrar:
+        problems = _Problems()
+        if self.min_expires > self.max_expires:
+            problems.add(("min_expires",), "must not be greater than max_expires")
+        elif not self.min_expires <= self.default_expires <= self.max_expires:
+            problems.add(("default_expires",), "must be between min_expires and max_expires")
+        problems.raise_if_any()
+        return self
+
+
+class BanPolicy(_Model):
+    max_failures_per_source: int = Field(default=10, ge=1)
+    max_failures_per_user: int = Field(default=20, ge=1)
+    window: int = Field(default=60, ge=1)
+    ban_time: int = Field(default=600, ge=0)
+
+
+class Auth(_Model):
+    realm: str | None = Field(default=None, min_length=1, max_length=253)
+    algorithms: list[Literal["SHA-256", "MD5"]] = Field(
+        default_factory=lambda: ["SHA-256", "MD5"], min_length=1
+    )
+    nonce_lifetime: int = Field(default=300, ge=10, le=86400)
+    secret: SecretStr | None = None
+    ban: BanPolicy = Field(default_factory=BanPolicy)
+
+    @field_validator("realm")
+    @classmethod
+    def _check_realm(cls, realm: str | None) -> str | None:
+        if realm is not None and ('"' in realm or "\\" in realm or realm != realm.strip()):
+            raise ValueError("must not contain quotes, backslashes or surrounding spaces")
+        return realm
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return secret
+
+    @field_validator("algorithms")
+    @classmethod
+    def _check_algorithms(cls, algorithms: list[str]) -> list[str]:
+        problems = _Problems()
+        for index, name in enumerate(algorithms):
+            if name in algorithms[:index]:
+                problems.add((index,), f"duplicate algorithm {name!r}")
+        problems.raise_if_any()
+        return algorithms
+
+
+class Store(_Model):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field(default="softswitch:", max_length=64)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
+
+
+class Logging(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Device(_Model):
+    extension: str = Field(pattern=r"^[0-9]{1,15}$")
+    username: str = ""
+    kind: Literal["desk_phone", "ata", "softphone"] = "softphone"
+    password: SecretStr | None = None
+    ha1_md5: SecretStr | None = None
+    ha1_sha256: SecretStr | None = None
+    display_name: str | None = Field(default=None, max_length=100)
+    did: str | None = None
+
+    @field_validator("extension", mode="before")
+    @classmethod
+    def _extension_text(cls, value: Any) -> Any:
+        return _require_text(value, str(value))
+
+    @field_validator("username", mode="before")
+    @classmethod
+    def _username_text(cls, value: Any) -> Any:
+        return _require_text(value, str(value))
+
+    @field_validator("password", "ha1_md5", "ha1_sha256", mode="before")
+    @classmethod
+    def _secret_text(cls, value: Any) -> Any:
+        if isinstance(value, bool) or isinstance(value, int | float):
+            raise ValueError("must be a quoted string")
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, username: str) -> str:
+        if not _SIP_USER.match(username):
+            raise ValueError(
+                "must be 1 to 64 characters among letters, digits and . _ ~ ! $ & ' ( ) * + , ; = -"
+            )
+        return username
+
+    @field_validator("password")
+    @classmethod
+    def _check_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("ha1_md5")
+    @classmethod
+    def _check_ha1_md5(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _HEX32.match(value.get_secret_value()):
+            raise ValueError("must be 32 hexadecimal digits")
+        return value
+
+    @field_validator("ha1_sha256")
+    @classmethod
+    def _check_ha1_sha256(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _HEX64.match(value.get_secret_value()):
+            raise ValueError("must be 64 hexadecimal digits")
+        return value
+
+    @field_validator("did", mode="before")
+    @classmethod
+    def _did_text(cls, value: Any) -> Any:
+        return _require_text(value, f"+{value}")
+
+    @field_validator("did")
+    @classmethod
+    def _check_did(cls, value: str | None) -> str | None:
+        return None if value is None else _e164(value)
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> Device:
+        given = [
+            name
+            for name in ("password", "ha1_md5", "ha1_sha256")
+            if getattr(self, name) is not None
+        ]
+        if not given:
+            raise _one_problem(("password",), "either password, ha1_md5 or ha1_sha256 is required")
+        if len(given) > 1:
+            raise _one_problem(
+                (given[1],), "only one of password, ha1_md5 or ha1_sha256 may be given"
+            )
+        if not self.username:
+            self.username = self.extension
+        return self
+
+    @property
+    def has_password(self) -> bool:
+        return self.password is not None
+
+
+class Account(_Model):
+    id: str
+    name: str | None = Field(default=None, max_length=200)
+    main_number: str | None = None
+    devices: list[Device] = Field(default_factory=list)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_text(cls, value: Any) -> Any:
+        return _require_text(value, str(value))
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not _ACCOUNT_ID.match(value):
+            raise ValueError(
+                "must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
+                " (at most 64)"
+            )
+        return value
+
+    @field_validator("main_number", mode="before")
+    @classmethod
+    def _main_number_text(cls, value: Any) -> Any:
+        return _require_text(value, f"+{value}")
+
+    @field_validator("main_number")
+    @classmethod
+    def _check_main_number(cls, value: str | None) -> str | None:
+        return None if value is None else _e164(value)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _check_device_count(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_DEVICES_PER_ACCOUNT:
+            raise ValueError(
+                f"at most {MAX_DEVICES_PER_ACCOUNT} devices per account (found {len(value)})"
+            )
+        return value
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+class Settings(_Model):
+    switch: Switch = Field(default_factory=Switch)
+    listen: list[Listen] = Field(
+        default_factory=lambda: [
+            Listen(transport="udp", host="127.0.0.1", port=5060),
+            Listen(transport="tcp", host="127.0.0.1", port=5060),
+        ],
+        min_length=1,
+    )
+    tls: Tls = Field(default_factory=Tls)
+    registrar: Registrar = Field(default_factory=Registrar)
+    auth: Auth = Field(default_factory=Auth)
+    store: Store = Field(default_factory=Store)
+    logging: Logging = Field(default_factory=Logging)
+    accounts: list[Account] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Settings:
+        context = info.context if isinstance(info.context, dict) else {}
+        base_dir = Path(context.get("base_dir", "."))
+        if not context.get("cross_checked"):
+            # Built directly (not through load_settings*): run the whole-file checks here.
+            problems = _Problems()
+            for path, message in _cross_problems(self.model_dump(), base_dir):
+                problems.add(path, message)
+            problems.raise_if_any()
+        for name in ("certificate", "private_key"):
+            value: Path | None = getattr(self.tls, name)
+            if value is not None and not value.is_absolute():
+                setattr(self.tls, name, base_dir / value)
+        return self
+
+    # ---- conveniences -----------------------------------------------------------------
+
+    @property
+    def realm(self) -> str:
+        """The digest realm: ``auth.realm`` or, when unset, the first SIP domain."""
+        return self.auth.realm or self.switch.domains[0]
+
+    def iter_devices(self) -> Iterator[tuple[Account, Device]]:
+        """Every configured device with the account it belongs to, in file order."""
+        for account in self.accounts:
+            for device in account.devices:
+                yield account, device
+
+    def find_device(self, username: str) -> tuple[Account, Device] | None:
+        """The device whose SIP auth user is ``username`` (unique across the config)."""
+        for account, device in self.iter_devices():
+            if device.username == username:
+                return account, device
+        return None
+
+    def is_local_domain(self, host: str) -> bool:
+        """True when ``host`` (a domain or IP literal, brackets allowed) is one of ours."""
+        name = host.strip().lower()
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        try:
+            name = str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
+        return name in self.switch.domains
+
+
+# --------------------------------------------------------------------------------------
+# Loading and error reporting
+# --------------------------------------------------------------------------------------
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _sequence(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _number_or_none(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return _e164(value)
+    except ValueError:
+        return None
+
+
+def _cross_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Path_, str]]:
+    """Checks that span several entries (uniqueness, TLS files). Runs on the plain data,
+    skipping entries of the wrong shape (the models report those), so that these
+    problems are reported together with every other one."""
+    problems: list[tuple[Path_, str]] = []
+
+    # listen: no duplicate sockets; TLS files exist when a tls socket is configured
+    seen_sockets: dict[tuple[Any, ...], int] = {}
+    needs_tls = False
+    for index, raw in enumerate(_sequence(data.get("listen"))):
+        entry = _mapping(raw)
+        transport, host, port = entry.get("transport"), entry.get("host"), entry.get("port")
+        needs_tls = needs_tls or transport == "tls"
+        if isinstance(host, str):
+            try:
+                host = str(ipaddress.ip_address(host.strip().strip("[]")))
+            except ValueError:
+                pass
+        socket = (transport, host, port)
+        if not all(isinstance(part, str | int) for part in socket):
+            continue
+        if socket in seen_sockets:
+            problems.append(
+                (
+                    ("listen", index),
+                    f"duplicate listen entry {transport} {host} {port}"
+                    f" (same as listen[{seen_sockets[socket]}])",
+                )
+            )
+        else:
+            seen_sockets[socket] = index
+    if needs_tls:
+        tls = _mapping(data.get("tls"))
+        for name in ("certificate", "private_key"):
+            value = tls.get(name)
+            if value is None:
+                problems.append((("tls", name), "is required when a listen entry uses tls"))
+                continue
+            if not isinstance(value, str | os.PathLike):
+                continue
+            path = Path(value)
+            resolved = path if path.is_absolute() else base_dir / path
+            if not resolved.is_file():
+                problems.append((("tls", name), f"file not found: {resolved}"))
+            elif not os.access(resolved, os.R_OK):
+                problems.append((("tls", name), f"file not readable: {resolved}"))
+
+    # accounts: unique ids; extensions unique per account; usernames and numbers overall
+    account_ids: dict[str, int] = {}
+    usernames: dict[str, str] = {}
+    numbers: dict[str, str] = {}
+    for a_index, raw_account in enumerate(_sequence(data.get("accounts"))):
+        account = _mapping(raw_account)
+        account_id = account.get("id")
+        if isinstance(account_id, str):
+            if account_id in account_ids:
+                problems.append(
+                    (
+                        ("accounts", a_index, "id"),
+                        f"duplicate account id {account_id!r}"
+                        f" (already used by accounts[{account_ids[account_id]}])",
+                    )
+                )
+            else:
+                account_ids[account_id] = a_index
+        main_number = _number_or_none(account.get("main_number"))
+        if main_number is not None:
+            if main_number in numbers:
+                problems.append(
+                    (
+                        ("accounts", a_index, "main_number"),
+                        f"number {main_number} is already used by {numbers[main_number]}",
+                    )
+                )
+            else:
+                numbers[main_number] = f"accounts[{a_index}].main_number"
+        extensions: dict[str, int] = {}
+        for d_index, raw_device in enumerate(_sequence(account.get("devices"))):
+            device = _mapping(raw_device)
+            where = f"accounts[{a_index}].devices[{d_index}]"
+            here: Path_ = ("accounts", a_index, "devices", d_index)
+            extension = device.get("extension")
+            if isinstance(extension, str):
+                if extension in extensions:
+                    problems.append(
+                        (
+                            (*here, "extension"),
+                            f"duplicate extension {extension!r}"
+                            f" (already used by devices[{extensions[extension]}])",
+                        )
+                    )
+                else:
+                    extensions[extension] = d_index
+            username = device.get("username") or extension
+            if isinstance(username, str):
+                if username in usernames:
+                    problems.append(
+                        (
+                            (*here, "username"),
+                            f"duplicate username {username!r} (already used by {usernames[username]})",
+                        )
+                    )
+                else:
+                    usernames[username] = where
+            did = _number_or_none(device.get("did"))
+            if did is not None:
+                if did in numbers:
+                    problems.append(
+                        ((*here, "did"), f"number {did} is already used by {numbers[did]}")
+                    )
+                else:
+                    numbers[did] = f"{where}.did"
+    return problems
+
+
+def _to_plain(node: Any, path: Path_, lines: dict[Path_, int]) -> Any:
+    """Copies the round-trip tree into plain Python values, recording the 1-based line of
+    every mapping key and sequence item under its key path."""
+    if isinstance(node, CommentedMap):
+        result: dict[str, Any] = {}
+        for key, value in node.items():
+            name = str(key)
+            try:
+                lines[(*path, name)] = node.lc.key(key)[0] + 1
+            except (KeyError, IndexError, TypeError, AttributeError):
+                pass  # merged (<<) keys have no position of their own
+            result[name] = _to_plain(value, (*path, name), lines)
+        return result
+    if isinstance(node, CommentedSeq):
+        items: list[Any] = []
+        for index, value in enumerate(node):
+            try:
+                lines[(*path, index)] = node.lc.item(index)[0] + 1
+            except (KeyError, IndexError, TypeError, AttributeError):
+                pass
+            items.append(_to_plain(value, (*path, index), lines))
+        return items
+    if isinstance(node, dict):
+        return {str(k): _to_plain(v, (*path, str(k)), lines) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_to_plain(v, (*path, i), lines) for i, v in enumerate(node)]
+    if isinstance(node, bool) or node is None:
+        return node
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    value = getattr(node, "value", None)  # TaggedScalar and friends
+    if isinstance(value, str):
+        return value
+    return node
+
+
+def _dotted(path: Path_) -> str:
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(root)"
+
+
+def _line_of(path: Path_, lines: dict[Path_, int]) -> int:
+    for end in range(len(path), 0, -1):
+        line = lines.get(path[:end])
+        if line is not None:
+            return line
+    return 1
+
+
+_FRIENDLY = {
+    "missing": "is required",
+    "extra_forbidden": "unknown key",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "path_type": "must be a file path",
+}
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind = error.get("type", "")
+    ctx = error.get("ctx") or {}
+    if kind in _FRIENDLY:
+        return _FRIENDLY[kind]
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '')}"
+    if kind == "too_short":
+        minimum = ctx.get("min_length")
+        return f"must have at least {minimum} item{'s' if minimum != 1 else ''}"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} items"
+    if kind == "string_too_short":
+        minimum = ctx.get("min_length")
+        return "must not be empty" if minimum == 1 else f"must be at least {minimum} characters"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters"
+    if kind == "string_pattern_mismatch":
+        return f"must match the pattern {ctx.get('pattern')}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = next(iter(ctx.values()), "")
+        words = {
+            "greater_than_equal": "at least",
+            "greater_than": "greater than",
+            "less_than_equal": "at most",
+            "less_than": "less than",
+        }[kind]
+        return f"must be {words} {bound}"
+    message = str(error.get("msg", "invalid value"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+    return message
+
+
+def _format_errors(
+    errors: Iterable[Any],
+    cross: list[tuple[Path_, str]],
+    filename: str,
+    lines: dict[Path_, int],
+) -> list[str]:
+    found: list[tuple[int, str, str]] = []
+    for path, message in cross:
+        found.append((_line_of(path, lines), _dotted(path), message))
+    for error in errors:
+        loc: Path_ = tuple(error.get("loc", ()))
+        ctx = error.get("ctx") or {}
+        if error.get("type") == _PROBLEMS:
+            entries = [((*loc, *sub), message) for sub, message in ctx.get("problems", ())]
+        else:
+            entries = [(loc, _message(error))]
+        for path, message in entries:
+            line = _line_of(path, lines)
+            found.append((line, _dotted(path), message))
+    unique = sorted(set(found), key=lambda item: (item[0], item[1], item[2]))
+    return [f"{filename}:{line}: {key}: {message}" for line, key, message in unique]
+
+
+_DUPLICATE_KEY = re.compile(r'found duplicate key "(?P<key>[^"]*)"')
+
+
+def _yaml_error(exc: YAMLError, filename: str) -> str:
+    if isinstance(exc, MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = str(exc.problem or exc.context or "invalid YAML")
+        duplicate = _DUPLICATE_KEY.search(problem)
+        if duplicate:
+            # ruamel's text quotes both values, which may be secrets: never repeat them.
+            problem = f'duplicate key "{duplicate.group("key")}"'
+        elif exc.context and exc.context_mark is not None and exc.problem:
+            problem = f"{problem} ({exc.context} started at line {exc.context_mark.line + 1})"
+        return f"{filename}:{line}: (yaml): {problem}"
+    return f"{filename}:1: (yaml): {str(exc).splitlines()[0] if str(exc) else 'invalid YAML'}"
+
+
+def load_settings_text(text: str, filename: str) -> Settings:
+    """Parses and validates a configuration given as text; ``filename`` is used in error
+    lines and its directory is the base for relative paths (TLS files)."""
+    yaml = YAML(typ="rt")
+    try:
+        tree = yaml.load(text)
+    except YAMLError as exc:
+        raise ConfigError([_yaml_error(exc, filename)]) from None
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a config problem
+        raise ConfigError([f"{filename}:1: (yaml): {exc}"]) from None
+    lines: dict[Path_, int] = {}
+    data = _to_plain(tree, (), lines)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{filename}:1: (root): must be a mapping of sections"])
+    base_dir = Path(filename).resolve().parent
+    cross = _cross_problems(data, base_dir)
+    try:
+        settings = Settings.model_validate(
+            data, context={"base_dir": base_dir, "cross_checked": True}
+        )
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc.errors(), cross, filename, lines)) from None
+    if cross:
+        raise ConfigError(_format_errors([], cross, filename, lines))
+    return settings
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Reads, parses and validates the YAML configuration file at ``path``."""
+    filename = os.fspath(path)
+    try:
+        text = Path(filename).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{filename}:1: (file): not UTF-8 text ({exc.reason})"]) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([f"{filename}:1: (file): cannot read: {reason}"]) from None
+    return load_settings_text(text, filename)
