@@ -281,8 +281,6 @@ class AuthResult:
         return self.outcome is AuthOutcome.OK
 
 
-# RFC 8760 §3: the server lists challenges in order of preference, strongest first.
-_CHALLENGE_ORDER = ("SHA-256", "SHA-256-sess", "MD5", "MD5-sess")
 
 
 class DigestAuthenticator:
@@ -320,7 +318,10 @@ class DigestAuthenticator:
         self.realm = realm
         if tracker.lifetime < issuer.lifetime:
             raise ValueError("nonce-count tracker lifetime must cover the nonce lifetime")
-        self.algorithms = [name for name in _CHALLENGE_ORDER if name in canonical]
+        # RFC 8760 §2.4: challenges go in the server's order of preference; the operator's
+        # order is kept (SHA-256 first by default; MD5 first for legacy phones that answer
+        # only the first challenge they see).
+        self.algorithms = canonical
         self.issuer = issuer
         self.tracker = tracker
         self.lookup_credentials = lookup_credentials

@@ -169,11 +169,15 @@ def _answer(
 ALICE = StoredCredentials("alice", password="alice-pw")
 
 
-def test_challenges_list_sha256_first_with_qop_auth() -> None:
-    auth = _authenticator(_Accounts(ALICE), ["MD5", "SHA-256"])
+def test_challenges_follow_the_configured_order_with_qop_auth() -> None:
+    auth = _authenticator(_Accounts(ALICE), ["SHA-256", "MD5"])
     values = auth.challenges(T0)
     challenges = [parse_challenge(value) for value in values]
     assert [item.algorithm for item in challenges] == ["SHA-256", "MD5"]
+    legacy_first = _authenticator(_Accounts(ALICE), ["MD5", "SHA-256"])
+    assert [parse_challenge(v).algorithm for v in legacy_first.challenges(T0)] == [
+        "MD5", "SHA-256"
+    ]
     assert all(item.qop == ("auth",) and item.realm == REALM for item in challenges)
     assert all(not item.stale for item in challenges)
     assert all(item.stale for item in map(parse_challenge, auth.challenges(T0, stale=True)))

@@ -1,0 +1,180 @@
+"""Wiring: one switch process built from its settings, run on asyncio.
+
+`Softswitch` owns every long-lived object (transports, transaction layer,
+registrar, stores, metrics) — the only place with process-wide state — and
+`run(settings)` runs it until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import time
+
+import structlog
+
+from sip.message import SipRequest, SipResponse, make_response
+from sip.transport import Flow, make_server_ssl_context
+
+from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
+from .directory import DeviceDirectory
+from .keepalive import ContactKeepalive
+from .location import BindingStore, create_store
+from .metrics import SwitchMetrics
+from .registrar import Registrar
+from .settings import Settings
+from .signalling import SignallingCore
+
+log = structlog.get_logger("switch.app")
+
+EXPIRY_SWEEP_SECONDS = 5.0
+
+
+class Softswitch:
+    def __init__(self, settings: Settings, *, metrics: SwitchMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or SwitchMetrics()
+        self.directory = DeviceDirectory(settings)
+        self.store: BindingStore = create_store(
+            settings.store.backend, settings.store.redis_url, settings.store.key_prefix
+        )
+        auth = settings.auth
+        secret = (
+            auth.secret.get_secret_value().encode() if auth.secret else secrets.token_bytes(32)
+        )
+        issuer = NonceIssuer(secret, auth.nonce_lifetime)
+        tracker = NonceCountTracker(max_entries=200_000, lifetime=auth.nonce_lifetime)
+        self.authenticator = DigestAuthenticator(
+            settings.realm, list(auth.algorithms), issuer, tracker, self.directory.credentials
+        )
+        self.bans = FailureBan(
+            auth.ban.max_failures_per_source,
+            auth.ban.max_failures_per_user,
+            auth.ban.window,
+            auth.ban.ban_time,
+        )
+        self.server_header = settings.switch.user_agent
+        self.core = SignallingCore(
+            self.metrics,
+            max_message_size=settings.switch.max_message_size,
+            server_header=self.server_header,
+            is_local_domain=self._is_local_host,
+        )
+        self.registrar = Registrar(
+            settings.registrar,
+            self.directory,
+            self.store,
+            self.authenticator,
+            self.bans,
+            self.metrics,
+            server_header=self.server_header,
+        )
+        self.keepalive = ContactKeepalive(
+            self.core, self.store, self.metrics,
+            realm=settings.realm,
+            interval=settings.registrar.keepalive_interval,
+            max_failures=settings.registrar.keepalive_failures,
+            user_agent=self.server_header,
+        )
+        self.core.register_handler("REGISTER", self.registrar.handle_register)
+        self.core.register_handler("OPTIONS", self.handle_options)
+        self.listening: list[tuple[str, str, int]] = []
+        self._background: list[asyncio.Task] = []
+
+    def _is_local_host(self, host: str) -> bool:
+        if self.directory.is_local_domain(host):
+            return True
+        bare = host.strip("[]").lower()
+        return any(bare == h.strip("[]").lower() for _, h, _ in self.listening)
+
+    async def handle_options(self, request: SipRequest, flow: Flow, now: float) -> SipResponse:
+        """OPTIONS to the switch: 200 with what it supports (RFC 3261 §11.2)."""
+        return make_response(
+            request, 200, "OK", to_tag=secrets.token_hex(6),
+            headers=[
+                ("Server", self.server_header),
+                ("Allow", ", ".join(sorted(self.core.allowed_methods))),
+                ("Accept", "application/sdp"),
+                ("Supported", "path, outbound"),
+            ],
+        )
+
+    async def start(self) -> None:
+        tls_context = None
+        if self.settings.tls.certificate and self.settings.tls.private_key:
+            tls_context = make_server_ssl_context(
+                str(self.settings.tls.certificate), str(self.settings.tls.private_key)
+            )
+        for entry in self.settings.listen:
+            host, port = await self.core.listen(
+                entry.transport, entry.host, entry.port,
+                tls_context if entry.transport == "tls" else None,
+            )
+            self.listening.append((entry.transport, host, port))
+        self._background.append(asyncio.create_task(self._sweep_expired()))
+        self.keepalive.listeners = self.listening
+        self._background.append(asyncio.create_task(self.keepalive.run()))
+        log.info(
+            "switch.ready",
+            node=self.settings.switch.node_id,
+            listening=[f"{t}:{h}:{p}" for t, h, p in self.listening],
+            devices=len(self.directory),
+            store=self.settings.store.backend,
+        )
+
+    async def _sweep_expired(self) -> None:
+        while True:
+            try:
+                now = time.time()
+                expired = await self.store.expire(now)
+                if expired:
+                    log.debug("registrar.expired", bindings=expired)
+                self.metrics.bindings_active.set(await self.store.count(now))
+                self.metrics.banned_sources.set(self.bans.banned_count(now))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a store outage must not kill the sweeper
+                log.warning("registrar.sweep_failed", error=str(exc))
+            await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+
+    async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.core.close()
+        await self.store.close()
+        log.info("switch.stopped")
+
+
+async def serve(settings: Settings) -> None:
+    switch = Softswitch(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    await switch.start()
+    try:
+        await stop.wait()
+    finally:
+        await switch.stop()
+
+
+def run(settings: Settings) -> int:
+    try:
+        import uvloop
+    except ImportError:  # optional: the standard loop works too
+        uvloop = None
+    try:
+        if uvloop is not None:
+            uvloop.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
+    except OSError as exc:
+        log.error("switch.start_failed", error=str(exc))
+        return 1
+    return 0

@@ -1,0 +1,106 @@
+"""Prometheus metrics of the switch (prometheus-client).
+
+One `SwitchMetrics` per switch process, with its own registry (no global state).
+Labels are low-cardinality: methods outside the known set are folded into
+"other", statuses are exact codes (a bounded set), reasons are fixed strings.
+Every metric here is written by the code that owns it; docs/metrics.md lists them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from sip.validation import KNOWN_METHODS
+
+PREFIX = "softswitch"
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+class SwitchMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sip_messages = Counter(
+            f"{PREFIX}_sip_messages",
+            "SIP messages received and sent, by direction, method and status (status is "
+            "empty for requests)",
+            ["direction", "method", "status"],
+            registry=r,
+        )
+        self.sip_parse_errors = Counter(
+            f"{PREFIX}_sip_parse_errors",
+            "Received messages that could not be parsed, by transport and whether a 400 "
+            "could be answered",
+            ["transport", "answered"],
+            registry=r,
+        )
+        self.transport_events = Counter(
+            f"{PREFIX}_sip_transport_events",
+            "Transport events: oversize datagrams, bad stream framing, connections closed, "
+            "keepalives, caught errors",
+            ["transport", "kind"],
+            registry=r,
+        )
+        self.sip_requests_rejected = Counter(
+            f"{PREFIX}_sip_requests_rejected",
+            "Requests refused before reaching a service, by method and status",
+            ["method", "status"],
+            registry=r,
+        )
+        self.registrations = Counter(
+            f"{PREFIX}_registrar_registrations",
+            "REGISTER requests answered, by result (ok, unregister, challenged, "
+            "auth_failed, stale, banned, rejected)",
+            ["result"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            f"{PREFIX}_registrar_auth_failures",
+            "Failed digest authentications, by source kind of failure",
+            ["reason"],
+            registry=r,
+        )
+        self.bans = Counter(
+            f"{PREFIX}_registrar_bans",
+            "Sources banned after repeated authentication failures, by trigger "
+            "(source or user)",
+            ["trigger"],
+            registry=r,
+        )
+        self.banned_sources = Gauge(
+            f"{PREFIX}_registrar_banned_sources",
+            "Source addresses currently banned",
+            registry=r,
+        )
+        self.bindings_active = Gauge(
+            f"{PREFIX}_registrar_bindings_active",
+            "Registered contacts (bindings) currently live",
+            registry=r,
+        )
+        self.keepalive_evictions = Counter(
+            f"{PREFIX}_registrar_keepalive_evictions",
+            "Bindings removed because their contact stopped answering OPTIONS keepalives",
+            registry=r,
+        )
+        self.transactions_active = Gauge(
+            f"{PREFIX}_sip_transactions_active",
+            "SIP transactions in progress",
+            registry=r,
+        )
+
+    def message_in(self, method: str, status: int | None) -> None:
+        self.sip_messages.labels("in", method_label(method), str(status or "")).inc()
+
+    def message_out(self, method: str, status: int | None) -> None:
+        self.sip_messages.labels("out", method_label(method), str(status or "")).inc()
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of a sample (tests and the admin API read it)."""
+        result = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if result is None else result
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,283 @@
+"""The SIP signalling core of the switch: transports → parser → transactions → services.
+
+It owns the I/O around the sans-I/O protocol code: one asyncio timer drives the
+transaction layer's single timer queue; received bytes are parsed (bad ones are
+answered 400 with a reason where possible, counted and logged, never raised);
+new requests are checked (method, URI scheme, Require, domain) and handed to the
+service registered for their method. Responses go back on the flow the request
+came on (symmetric response routing, RFC 3581), which is what phones behind NAT
+need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from sip.message import SipRequest, SipResponse, make_response
+from sip.parser import SipParseError, parse_message_safe
+from sip.transaction import (
+    InvalidMessage,
+    RequestReceived,
+    ResponseReceived,
+    SendMessage,
+    ServerTransaction,
+    TransactionLayer,
+    TransactionTerminated,
+    TransactionTimedOut,
+    TransportFailed,
+)
+from sip.transport import Flow, TransportLayer
+from sip.grammar import split_top_level
+from sip.validation import Rejection, check_request
+
+from .metrics import SwitchMetrics
+
+log = structlog.get_logger("switch.signalling")
+
+RequestHandler = Callable[[SipRequest, Flow, float], Awaitable[SipResponse]]
+
+
+class RequestTimeout(Exception):
+    """A request the switch sent got no final response (Timer B/F) or could not be sent."""
+
+
+class SignallingCore:
+    def __init__(
+        self,
+        metrics: SwitchMetrics,
+        *,
+        max_message_size: int = 65535,
+        server_header: str = "softswitch",
+        is_local_domain: Callable[[str], bool] = lambda host: True,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics = metrics
+        self.server_header = server_header
+        self.is_local_domain = is_local_domain
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.max_message_size = max_message_size
+        self.transports = TransportLayer(
+            self._on_message, max_message_size=max_message_size, on_event=self._on_transport_event
+        )
+        self.transactions = TransactionLayer()
+        self.handlers: dict[str, RequestHandler] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self._pending: dict[object, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.closing = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def listen(
+        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
+        return await self.transports.listen(transport, host, port, ssl_context)
+
+    def register_handler(self, method: str, handler: RequestHandler) -> None:
+        self.handlers[method] = handler
+
+    @property
+    def allowed_methods(self) -> set[str]:
+        return set(self.handlers) | {"ACK", "CANCEL"}
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._timer:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.transports.close()
+
+    # -- receive path ------------------------------------------------------------------
+    def _on_transport_event(self, kind: str, flow: Flow, detail: str) -> None:
+        self.metrics.transport_events.labels(flow.transport, kind).inc()
+        if kind in ("oversize", "bad_framing", "error"):
+            log.info("transport.event", kind=kind, transport=flow.transport,
+                     remote=f"{flow.remote[0]}:{flow.remote[1]}", detail=detail)
+
+    def _on_message(self, data: bytes, flow: Flow) -> None:
+        try:
+            self._receive(data, flow)
+        except Exception:  # the receive path must never raise into the transport
+            log.exception("sip.receive_failed", transport=flow.transport,
+                          remote=f"{flow.remote[0]}:{flow.remote[1]}")
+
+    def _receive(self, data: bytes, flow: Flow) -> None:
+        message = parse_message_safe(
+            data, max_size=self.max_message_size, datagram=flow.transport == "udp"
+        )
+        now = self.clock()
+        if isinstance(message, SipParseError):
+            self._bad_message(message, flow)
+            return
+        if isinstance(message, SipResponse):
+            self.metrics.message_in(message.cseq.method, message.status)
+            self._process(self.transactions.receive_response(message, now=now))
+            return
+        self.metrics.message_in(message.method, None)
+        _stamp_via(message, flow)
+        self._process(
+            self.transactions.receive_request(
+                message, flow, reliable=flow.transport != "udp", now=now
+            )
+        )
+
+    def _bad_message(self, error: SipParseError, flow: Flow) -> None:
+        answered = error.can_respond
+        self.metrics.sip_parse_errors.labels(flow.transport, str(answered).lower()).inc()
+        log.info("sip.parse_error", reason=error.reason, status=error.status,
+                 transport=flow.transport, remote=f"{flow.remote[0]}:{flow.remote[1]}",
+                 answered=answered)
+        if answered:
+            response = make_response(
+                error.headers, error.status, error.reason,
+                headers=[("Server", self.server_header)],
+            )
+            self._send(response, flow)
+
+    # -- transaction events --------------------------------------------------------------
+    def _process(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, SendMessage):
+                self._send(event.message, event.flow)
+            elif isinstance(event, RequestReceived):
+                self._new_request(event.transaction, event.request)
+            elif isinstance(event, ResponseReceived):
+                future = self._pending.get(event.transaction)
+                if future is not None and event.response.status >= 200 and not future.done():
+                    future.set_result(event.response)
+            elif isinstance(event, TransactionTimedOut | TransportFailed):
+                future = self._pending.get(event.transaction)
+                if future is not None and not future.done():
+                    future.set_exception(RequestTimeout(type(event).__name__))
+            elif isinstance(event, TransactionTerminated):
+                self._pending.pop(event.transaction, None)
+            elif isinstance(event, InvalidMessage):
+                self.metrics.sip_parse_errors.labels("any", "false").inc()
+                log.info("sip.unmatchable_message", reason=event.reason)
+        self._rearm_timer()
+
+    def _send(self, message: SipRequest | SipResponse, flow: Flow) -> None:
+        if isinstance(message, SipResponse):
+            self.metrics.message_out(message.cseq.method, message.status)
+        else:
+            self.metrics.message_out(message.method, None)
+        if not self.transports.send(message.to_bytes(), flow):
+            log.info("sip.send_failed", transport=flow.transport,
+                     remote=f"{flow.remote[0]}:{flow.remote[1]}")
+
+    def _rearm_timer(self) -> None:
+        deadline = self.transactions.next_deadline()
+        if deadline == self._timer_deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_deadline = deadline
+        if deadline is not None and not self.closing:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - self.clock())
+            self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline = None
+        try:
+            self._process(self.transactions.on_timer(self.clock()))
+        except Exception:
+            log.exception("sip.timer_failed")
+            self._rearm_timer()
+        self.metrics.transactions_active.set(len(self.transactions))
+
+    # -- requests to services -------------------------------------------------------------
+    def _new_request(self, transaction: ServerTransaction | None, request: SipRequest) -> None:
+        if transaction is None:
+            return  # an ACK for a 2xx or a stray ACK: no dialog layer here yet
+        if request.method == "CANCEL":
+            self.respond(transaction, make_response(
+                request, 481, to_tag=secrets.token_hex(6),
+                headers=[("Server", self.server_header)]))
+            return
+        rejection = check_request(request, allowed_methods=self.allowed_methods)
+        if rejection is None:
+            uri = request.request_uri
+            host = getattr(uri, "host", None)
+            if host is not None and not self.is_local_domain(host):
+                rejection = Rejection(404, "Domain not served here")
+        if rejection is not None:
+            self.metrics.sip_requests_rejected.labels(
+                request.method if request.method in self.allowed_methods else "other",
+                str(rejection.status),
+            ).inc()
+            self.respond(transaction, make_response(
+                request, rejection.status, rejection.reason, to_tag=secrets.token_hex(6),
+                headers=[("Server", self.server_header), *rejection.headers]))
+            return
+        handler = self.handlers[request.method]
+        task = asyncio.get_running_loop().create_task(
+            self._run_handler(handler, transaction, request)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, handler: RequestHandler, transaction, request) -> None:
+        structlog.contextvars.bind_contextvars(call_id=request.call_id)
+        try:
+            response = await handler(request, transaction.flow, self.wall_clock())
+        except Exception:
+            log.exception("sip.handler_failed", method=request.method)
+            response = make_response(
+                request, 500, "Internal error while handling the request",
+                to_tag=secrets.token_hex(6), headers=[("Server", self.server_header)])
+        finally:
+            structlog.contextvars.unbind_contextvars("call_id")
+        self.respond(transaction, response)
+
+    def respond(self, transaction: ServerTransaction, response: SipResponse) -> None:
+        self._process(self.transactions.send_response(transaction, response, now=self.clock()))
+
+    # -- requests the switch sends -----------------------------------------------------------
+    async def request(self, request: SipRequest, flow: Flow) -> SipResponse:
+        """Send a request on a flow in a client transaction; the final response, or
+        RequestTimeout when none comes (Timer B/F) or the transport failed."""
+        transaction, events = self.transactions.send_request(
+            request, flow, reliable=flow.transport != "udp", now=self.clock()
+        )
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[transaction] = future
+        self._process(events)
+        try:
+            return await future
+        finally:
+            self._pending.pop(transaction, None)
+
+
+def _stamp_via(request: SipRequest, flow: Flow) -> None:
+    """Record where the request really came from in its top Via: `received` when the
+    source address differs from sent-by, `rport` filled in when asked (RFC 3581)."""
+    via = request.top_via
+    source_host, source_port = flow.remote
+    changed = False
+    if "rport" in via.params and via.params["rport"] is None:
+        via.params["rport"] = str(source_port)
+        changed = True
+    if via.host.strip("[]") != source_host or changed:
+        via.params["received"] = source_host
+        changed = True
+    if not changed:
+        return
+    # Rewrite the first Via header line with the updated top value.
+    for index, (name, value) in enumerate(request.headers):
+        if name == "Via":
+            values = split_top_level(value, ",")
+            request.headers[index] = ("Via", ", ".join([str(via), *values[1:]]))
+            break
+    request._cache.pop("vias", None)
