@@ -187,8 +187,13 @@ class StreamFramer:
     def _find_header_end(self) -> int | FramingError | None:
         """Total message length once the header section is complete, else None."""
         buffer = self._buffer
-        crlf_end = buffer.find(b"\r\n\r\n", 0)
-        lf_end = buffer.find(b"\n\n", 0)
+        # A header section ends within the size limit, so no search goes further than
+        # that, and the LF-only form is only looked for before the first CRLFCRLF: a
+        # chunk holding many messages is not scanned to its end once per message.
+        limit = self._max_message_size
+        crlf_end = buffer.find(b"\r\n\r\n", max(0, self._scan_from - 3), limit)
+        lf_stop = crlf_end if crlf_end >= 0 else limit
+        lf_end = buffer.find(b"\n\n", max(0, self._scan_from - 1), lf_stop)
         if crlf_end < 0 and lf_end < 0:
             if len(buffer) > self._max_message_size:
                 return FramingError(
@@ -197,10 +202,7 @@ class StreamFramer:
                 )
             self._scan_from = len(buffer)
             return None
-        if lf_end < 0 or 0 <= crlf_end < lf_end:
-            header_end = crlf_end + 4
-        else:
-            header_end = lf_end + 2
+        header_end = lf_end + 2 if lf_end >= 0 else crlf_end + 4
         length = _content_length(bytes(buffer[:header_end]))
         if isinstance(length, FramingError):
             return length

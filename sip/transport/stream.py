@@ -13,7 +13,7 @@ import itertools
 import socket
 import ssl
 from os import PathLike
-from typing import Final
+from typing import Final, cast
 
 from sip.transport.base import (
     EVENT_CONNECT_FAILED,
@@ -122,8 +122,7 @@ class StreamConnection(asyncio.Protocol):
     # asyncio.Protocol callbacks: none of them lets an exception escape.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)
         events = self._transports.events
         try:
             local = host_port(transport.get_extra_info("sockname"))
