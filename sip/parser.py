@@ -170,7 +170,7 @@ def _validate(msg: SipMessage, fail) -> None:
         vias = msg.vias
         msg.from_  # noqa: B018 - parse and cache
         msg.to  # noqa: B018
-        cseq = msg.cseq
+        msg.cseq  # noqa: B018
         if not msg.call_id:
             raise GrammarError("empty Call-ID")
         if "contact" in counts:
