@@ -19,6 +19,7 @@ from sip.message import SipRequest, SipResponse, make_response
 from sip.transport import Flow, make_server_ssl_context
 
 from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
+from .calls import CallControl
 from .directory import DeviceDirectory
 from .keepalive import ContactKeepalive
 from .location import BindingStore, create_store
@@ -78,10 +79,21 @@ class Softswitch:
             max_failures=settings.registrar.keepalive_failures,
             user_agent=self.server_header,
         )
+        self.calls = CallControl(
+            self.core, self.directory, self.store, self.authenticator, self.bans,
+            self.metrics, None,
+            classify=self._classify, server_header=self.server_header,
+        )
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
         self.listening: list[tuple[str, str, int]] = []
         self._background: list[asyncio.Task] = []
+
+    def _classify(self, dialled: str) -> tuple[str, str | None]:
+        """Dialled string → (kind, target): internal extensions only for now."""
+        if dialled.isdigit():
+            return "internal", dialled
+        return "invalid", "Not a number this switch can route"
 
     def _is_local_host(self, host: str) -> bool:
         if self.directory.is_local_domain(host):
@@ -145,6 +157,7 @@ class Softswitch:
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.calls.close()
         await self.core.close()
         await self.store.close()
         log.info("switch.stopped")

@@ -33,6 +33,7 @@ class DeviceDirectory:
         self.realm = settings.realm
         self.domains = {d.lower() for d in settings.switch.domains}
         self._by_username: dict[str, Device] = {}
+        self._by_extension: dict[tuple[str, str], Device] = {}
         for account in settings.accounts:
             for dev in account.devices:
                 username = dev.username or dev.extension
@@ -42,7 +43,7 @@ class DeviceDirectory:
                     ha1_md5=_secret(dev.ha1_md5),
                     ha1_sha256=_secret(dev.ha1_sha256),
                 )
-                self._by_username[username] = Device(
+                device = self._by_username[username] = Device(
                     account_id=account.id,
                     extension=dev.extension,
                     username=username,
@@ -51,12 +52,17 @@ class DeviceDirectory:
                     did=dev.did,
                     credentials=creds,
                 )
+                self._by_extension[(account.id, dev.extension)] = device
 
     def __len__(self) -> int:
         return len(self._by_username)
 
     def device(self, username: str) -> Device | None:
         return self._by_username.get(username)
+
+    def device_by_extension(self, account_id: str, extension: str) -> Device | None:
+        """The device with this extension in the account (extensions are per account)."""
+        return self._by_extension.get((account_id, extension))
 
     def credentials(self, username: str) -> StoredCredentials | None:
         device = self._by_username.get(username)

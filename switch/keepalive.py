@@ -19,7 +19,7 @@ from sip.message import SipRequest
 
 from .location import Binding, BindingStore
 from .metrics import SwitchMetrics
-from .registrar import transport_flow
+from .registrar import contact_flow
 from .signalling import RequestTimeout, SignallingCore
 
 log = structlog.get_logger("switch.keepalive")
@@ -68,7 +68,7 @@ class ContactKeepalive:
         """Send one OPTIONS; True when the contact answered. Evicts after too many misses."""
         key = (binding.aor, binding.contact)
         try:
-            await self.core.request(self.build_options(binding), transport_flow(binding.flow))
+            await self.core.request(self.build_options(binding), contact_flow(binding))
         except RequestTimeout:
             count = self.failures.get(key, 0) + 1
             if count < self.max_failures:

@@ -85,6 +85,28 @@ class SwitchMetrics:
             "Bindings removed because their contact stopped answering OPTIONS keepalives",
             registry=r,
         )
+        self.calls_attempted = Counter(
+            f"{PREFIX}_calls_attempted",
+            "Calls the switch accepted for routing (authenticated INVITEs)",
+            registry=r,
+        )
+        self.calls_answered = Counter(
+            f"{PREFIX}_calls_answered",
+            "Calls answered by the callee",
+            registry=r,
+        )
+        self.calls_active = Gauge(
+            f"{PREFIX}_calls_active",
+            "Calls in progress (ringing or established)",
+            registry=r,
+        )
+        self.calls_ended = Counter(
+            f"{PREFIX}_calls_ended",
+            "Calls ended, by cause (normal, busy, no_answer, cancelled, unavailable, "
+            "declined, failed, media_timeout, no_ack, admin, shutdown)",
+            ["cause"],
+            registry=r,
+        )
         self.transactions_active = Gauge(
             f"{PREFIX}_sip_transactions_active",
             "SIP transactions in progress",

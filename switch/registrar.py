@@ -22,7 +22,7 @@ from sip.grammar import GrammarError
 from sip.headers import STAR
 from sip.message import SipRequest, SipResponse, make_response
 from sip.transport import Flow as TransportFlow
-from sip.uri import SipUri, TelUri
+from sip.uri import SipUri, TelUri, parse_uri
 
 from .auth import AuthOutcome, DigestAuthenticator, FailureBan
 from .directory import DeviceDirectory
@@ -53,6 +53,32 @@ def transport_flow(flow: Flow) -> TransportFlow:
         (flow.remote_host, flow.remote_port),
         flow.connection_id,
     )
+
+
+def contact_flow(binding) -> TransportFlow:
+    """Where to send requests for a binding (the device's NAT flow, RFC 5626 style).
+
+    Stream bindings use their connection. A UDP binding is reached at the source address
+    its REGISTER came from when the Contact names another host (the device is behind
+    NAT); when the Contact's host is the source host itself, the Contact's port is
+    trusted (a device that registers from one socket for another, e.g. a test UA).
+    """
+    flow = transport_flow(binding.flow)
+    if flow.transport != "udp":
+        return flow
+    try:
+        uri = parse_uri(binding.contact)
+    except GrammarError:
+        return flow
+    if not isinstance(uri, SipUri):
+        return flow
+    host = uri.host.strip("[]")
+    if host != flow.remote[0]:
+        return flow
+    port = uri.port or 5060
+    if port == flow.remote[1]:
+        return flow
+    return TransportFlow("udp", flow.local, (host, port))
 
 
 class Registrar:

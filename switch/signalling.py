@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from sip.grammar import split_top_level
 from sip.message import SipRequest, SipResponse, make_response
 from sip.parser import SipParseError, parse_message_safe
+from sip.timers import TimerSettings
 from sip.transaction import (
     InvalidMessage,
     RequestReceived,
@@ -33,14 +35,17 @@ from sip.transaction import (
     TransportFailed,
 )
 from sip.transport import Flow, TransportLayer
-from sip.grammar import split_top_level
 from sip.validation import Rejection, check_request
 
-from .metrics import SwitchMetrics
+from .metrics import SwitchMetrics, method_label
 
 log = structlog.get_logger("switch.signalling")
 
 RequestHandler = Callable[[SipRequest, Flow, float], Awaitable[SipResponse]]
+# A service that answers by itself (several responses, e.g. INVITE): gets the transaction.
+TransactionHandler = Callable[[SipRequest, ServerTransaction], None]
+# Receives every response of a client transaction; None means it timed out / failed.
+ResponseListener = Callable[[SipResponse | None], None]
 
 
 class RequestTimeout(Exception):
@@ -57,6 +62,7 @@ class SignallingCore:
         is_local_domain: Callable[[str], bool] = lambda host: True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        timers: TimerSettings | None = None,
     ) -> None:
         self.metrics = metrics
         self.server_header = server_header
@@ -67,11 +73,16 @@ class SignallingCore:
         self.transports = TransportLayer(
             self._on_message, max_message_size=max_message_size, on_event=self._on_transport_event
         )
-        self.transactions = TransactionLayer()
+        self.transactions = TransactionLayer(timers)
         self.handlers: dict[str, RequestHandler] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
-        self._pending: dict[object, asyncio.Future] = {}
+        self._listeners: dict[object, ResponseListener] = {}
+        # Services that manage their own transactions (call control).
+        self.invite_handler: TransactionHandler | None = None
+        self.dialog_handler: TransactionHandler | None = None
+        self.cancel_handler: Callable[[SipRequest, ServerTransaction, object], None] | None = None
+        self.ack_handler: Callable[[SipRequest], None] | None = None
         self._tasks: set[asyncio.Task] = set()
         self.closing = False
 
@@ -86,7 +97,10 @@ class SignallingCore:
 
     @property
     def allowed_methods(self) -> set[str]:
-        return set(self.handlers) | {"ACK", "CANCEL"}
+        methods = set(self.handlers) | {"ACK", "CANCEL"}
+        if self.invite_handler is not None:
+            methods |= {"INVITE", "BYE", "UPDATE", "INFO"}
+        return methods
 
     async def close(self) -> None:
         self.closing = True
@@ -149,21 +163,22 @@ class SignallingCore:
             if isinstance(event, SendMessage):
                 self._send(event.message, event.flow)
             elif isinstance(event, RequestReceived):
-                self._new_request(event.transaction, event.request)
+                self._new_request(event.transaction, event.request, event.matched_invite)
             elif isinstance(event, ResponseReceived):
-                future = self._pending.get(event.transaction)
-                if future is not None and event.response.status >= 200 and not future.done():
-                    future.set_result(event.response)
+                listener = self._listeners.get(event.transaction)
+                if listener is not None:
+                    self._notify(listener, event.response)
             elif isinstance(event, TransactionTimedOut | TransportFailed):
-                future = self._pending.get(event.transaction)
-                if future is not None and not future.done():
-                    future.set_exception(RequestTimeout(type(event).__name__))
+                listener = self._listeners.pop(event.transaction, None)
+                if listener is not None:
+                    self._notify(listener, None)
             elif isinstance(event, TransactionTerminated):
-                self._pending.pop(event.transaction, None)
+                self._listeners.pop(event.transaction, None)
             elif isinstance(event, InvalidMessage):
                 self.metrics.sip_parse_errors.labels("any", "false").inc()
                 log.info("sip.unmatchable_message", reason=event.reason)
         self._rearm_timer()
+        self.metrics.transactions_active.set(len(self.transactions))
 
     def _send(self, message: SipRequest | SipResponse, flow: Flow) -> None:
         if isinstance(message, SipResponse):
@@ -198,12 +213,27 @@ class SignallingCore:
         self.metrics.transactions_active.set(len(self.transactions))
 
     # -- requests to services -------------------------------------------------------------
-    def _new_request(self, transaction: ServerTransaction | None, request: SipRequest) -> None:
+    @staticmethod
+    def _notify(listener: ResponseListener, response: SipResponse | None) -> None:
+        try:
+            listener(response)
+        except Exception:
+            log.exception("sip.response_listener_failed")
+
+    def _new_request(
+        self, transaction: ServerTransaction | None, request: SipRequest, matched_invite=None
+    ) -> None:
         if transaction is None:
-            return  # an ACK for a 2xx or a stray ACK: no dialog layer here yet
+            # an ACK for a 2xx (or a stray one): the dialog's owner takes it
+            if self.ack_handler is not None:
+                self.ack_handler(request)
+            return
         if request.method == "CANCEL":
+            if self.cancel_handler is not None and matched_invite is not None:
+                self.cancel_handler(request, transaction, matched_invite)
+                return
             self.respond(transaction, make_response(
-                request, 481, to_tag=secrets.token_hex(6),
+                request, 481, "No matching transaction", to_tag=secrets.token_hex(6),
                 headers=[("Server", self.server_header)]))
             return
         rejection = check_request(request, allowed_methods=self.allowed_methods)
@@ -214,14 +244,29 @@ class SignallingCore:
                 rejection = Rejection(404, "Domain not served here")
         if rejection is not None:
             self.metrics.sip_requests_rejected.labels(
-                request.method if request.method in self.allowed_methods else "other",
-                str(rejection.status),
+                method_label(request.method), str(rejection.status),
             ).inc()
             self.respond(transaction, make_response(
                 request, rejection.status, rejection.reason, to_tag=secrets.token_hex(6),
                 headers=[("Server", self.server_header), *rejection.headers]))
             return
-        handler = self.handlers[request.method]
+        if request.to.tag is not None and request.method not in ("REGISTER", "OPTIONS"):
+            if self.dialog_handler is not None:
+                self.dialog_handler(request, transaction)
+            else:
+                self.respond(transaction, make_response(
+                    request, 481, "No such dialog", headers=[("Server", self.server_header)]))
+            return
+        if request.method == "INVITE" and self.invite_handler is not None:
+            self.invite_handler(request, transaction)
+            return
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            self.respond(transaction, make_response(
+                request, 405, "Method Not Allowed outside a dialog", to_tag=secrets.token_hex(6),
+                headers=[("Server", self.server_header),
+                         ("Allow", ", ".join(sorted(self.allowed_methods)))]))
+            return
         task = asyncio.get_running_loop().create_task(
             self._run_handler(handler, transaction, request)
         )
@@ -239,25 +284,43 @@ class SignallingCore:
                 to_tag=secrets.token_hex(6), headers=[("Server", self.server_header)])
         finally:
             structlog.contextvars.unbind_contextvars("call_id")
-        self.respond(transaction, response)
+        if response is not None:
+            self.respond(transaction, response)
 
     def respond(self, transaction: ServerTransaction, response: SipResponse) -> None:
         self._process(self.transactions.send_response(transaction, response, now=self.clock()))
 
     # -- requests the switch sends -----------------------------------------------------------
-    async def request(self, request: SipRequest, flow: Flow) -> SipResponse:
-        """Send a request on a flow in a client transaction; the final response, or
-        RequestTimeout when none comes (Timer B/F) or the transport failed."""
+    def start_request(self, request: SipRequest, flow: Flow, listener: ResponseListener):
+        """Send a request on a flow in a client transaction; `listener` gets every
+        response, then None if the transaction times out or the transport fails.
+        Returns the client transaction."""
         transaction, events = self.transactions.send_request(
             request, flow, reliable=flow.transport != "udp", now=self.clock()
         )
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending[transaction] = future
+        self._listeners[transaction] = listener
         self._process(events)
-        try:
-            return await future
-        finally:
-            self._pending.pop(transaction, None)
+        return transaction
+
+    def send_stateless(self, message: SipRequest | SipResponse, flow: Flow) -> None:
+        """Send outside any transaction: an ACK for a 2xx, or a 2xx retransmission."""
+        self._send(message, flow)
+
+    async def request(self, request: SipRequest, flow: Flow) -> SipResponse:
+        """Send a request in a client transaction and wait for its final response;
+        RequestTimeout when none comes (Timer B/F) or the transport failed."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def listener(response: SipResponse | None) -> None:
+            if future.done():
+                return
+            if response is None:
+                future.set_exception(RequestTimeout("no final response"))
+            elif response.status >= 200:
+                future.set_result(response)
+
+        self.start_request(request, flow, listener)
+        return await future
 
 
 def _stamp_via(request: SipRequest, flow: Flow) -> None:

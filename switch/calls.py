@@ -1,0 +1,680 @@
+"""B2BUA call control: two legs per call and the logic between them.
+
+Leg A is the caller's dialog (the switch is its UAS); leg B is the callee's (the
+switch is its UAC). An INVITE from a device is authenticated (407 digest),
+classified by the dial plan, and sent to every registered contact of the called
+extension in parallel; the first 2xx wins and the other forks are cancelled.
+Media is anchored through the configured `MediaBackend`: every SDP offer and
+answer crossing the switch is rewritten. Provisional responses, 2xx, BYE from
+either side, CANCEL, re-INVITE/UPDATE (hold, resume, codec change), INFO and
+in-dialog OPTIONS are carried across. Each call, answered or not, ends with
+one CDR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from media.backend import MediaBackend, MediaError
+from sip.dialog import Dialog, new_call_id, new_tag
+from sip.digest import parse_credentials
+from sip.message import SipRequest, SipResponse, make_response
+from sip.transaction import ClientTransaction, ServerTransaction, new_branch
+from sip.transport import Flow
+from sip.uri import SipUri, TelUri
+
+from .auth import AuthOutcome, DigestAuthenticator, FailureBan
+from .directory import Device, DeviceDirectory
+from .location import BindingStore
+from .metrics import SwitchMetrics
+from .registrar import contact_flow
+from .signalling import SignallingCore
+
+log = structlog.get_logger("switch.calls")
+
+# Statuses a caller is best told, in order of preference, when every fork failed
+# (RFC 3261 §16.7 step 6, simplified): a definitive 6xx, busy, then the rest.
+_PREFERRED_FAILURES = (600, 603, 604, 606, 486, 488, 480, 487, 408, 404)
+
+
+class CallState(enum.Enum):
+    ROUTING = "routing"
+    EARLY = "early"
+    ANSWERED = "answered"  # 2xx sent to the caller, its ACK not yet received
+    CONFIRMED = "confirmed"
+    ENDED = "ended"
+
+
+@dataclass(slots=True)
+class Fork:
+    """One INVITE sent to one contact of the callee."""
+
+    request: SipRequest
+    flow: Flow
+    transaction: ClientTransaction | None = None
+    remote_tag: str | None = None
+    final: int | None = None
+    dialog: Dialog | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    call_id: str  # leg A's Call-ID (also the media session id)
+    a_request: SipRequest
+    a_transaction: ServerTransaction
+    a_flow: Flow
+    a_tag: str  # our To tag towards the caller
+    caller: Device
+    callee_dialled: str
+    started_at: float
+    state: CallState = CallState.ROUTING
+    callee: Device | None = None
+    b_call_id: str = ""
+    b_tag: str = ""  # our From tag towards the callee
+    forks: list[Fork] = field(default_factory=list)
+    winner: Fork | None = None
+    a_dialog: Dialog | None = None
+    answered_at: float | None = None
+    ended_at: float | None = None
+    end_cause: str = ""
+    hangup_by: str = ""
+    final_status: int | None = None
+    cancelled: bool = False
+    media: bool = False
+    ok_response: SipResponse | None = None
+    ringing_timer: asyncio.TimerHandle | None = None
+    failures: list[SipResponse] = field(default_factory=list)
+
+    @property
+    def caller_tag(self) -> str:
+        return self.a_request.from_.tag or ""
+
+
+@dataclass(slots=True)
+class CallEnd:
+    """What the owner (CDR ledger, metrics) gets when a call ends."""
+
+    call: Call
+    media_stats: dict | None
+
+
+class CallControl:
+    def __init__(
+        self,
+        core: SignallingCore,
+        directory: DeviceDirectory,
+        store: BindingStore,
+        authenticator: DigestAuthenticator,
+        bans: FailureBan,
+        metrics: SwitchMetrics,
+        media: MediaBackend | None,
+        *,
+        classify: Callable[[str], tuple[str, str | None]],
+        server_header: str,
+        no_answer_timeout: float = 60.0,
+        on_call_end: Callable[[CallEnd], object] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.directory = directory
+        self.store = store
+        self.authenticator = authenticator
+        self.bans = bans
+        self.metrics = metrics
+        self.media = media
+        self.classify = classify
+        self.server_header = server_header
+        self.no_answer_timeout = no_answer_timeout
+        self.on_call_end = on_call_end
+        self.wall_clock = wall_clock
+        self.calls: dict[str, Call] = {}
+        # (Call-ID, our tag) → (call, "a" | "b")
+        self.dialogs: dict[tuple[str, str], tuple[Call, str]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._ids = itertools.count(1)
+        if media is not None:
+            media.on_timeout = self._on_media_timeout
+        core.invite_handler = self.on_invite
+        core.dialog_handler = self.on_in_dialog
+        core.cancel_handler = self.on_cancel
+        core.ack_handler = self.on_ack
+
+    # -- helpers -----------------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("calls.task_failed", error=repr(task.exception()))
+
+    def _respond(self, call_or_tx, request: SipRequest, status: int, reason: str | None = None,
+                 *, to_tag: str | None = None, headers=(), body: bytes = b"") -> None:
+        transaction = call_or_tx.a_transaction if isinstance(call_or_tx, Call) else call_or_tx
+        extra = [("Server", self.server_header), *headers]
+        if body:
+            extra.append(("Content-Type", "application/sdp"))
+        response = make_response(request, status, reason, to_tag=to_tag, headers=extra, body=body)
+        try:
+            self.core.respond(transaction, response)
+        except Exception as exc:  # a response the transaction state no longer allows
+            log.info("calls.response_dropped", status=status, error=str(exc))
+
+    def _sent_by(self, flow: Flow) -> str:
+        host, port = flow.local
+        if flow.transport != "udp":
+            for transport, lhost, lport in self.core.transports.listeners():
+                if transport == flow.transport and lhost == host:
+                    port = lport
+                    break
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _contact(self, flow: Flow, user: str = "switch") -> str:
+        suffix = "" if flow.transport == "udp" else f";transport={flow.transport}"
+        return f"<sip:{user}@{self._sent_by(flow)}{suffix}>"
+
+    # -- new calls ---------------------------------------------------------------------
+    def on_invite(self, request: SipRequest, transaction: ServerTransaction) -> None:
+        self._spawn(self._new_call(request, transaction))
+
+    async def _new_call(self, request: SipRequest, transaction: ServerTransaction) -> None:
+        now = self.wall_clock()
+        flow = transaction.flow
+        source_ip = flow.remote[0]
+        structlog.contextvars.bind_contextvars(call_id=request.call_id)
+        if self.bans.is_banned(source_ip, now):
+            self._respond(transaction, request, 403,
+                          "Too many failed authentications from this address",
+                          to_tag=new_tag())
+            return
+        credentials = None
+        for value in request.header_lines("Proxy-Authorization"):
+            parsed = parse_credentials(value)
+            if parsed is not None and parsed.realm == self.authenticator.realm:
+                credentials = parsed
+                break
+        auth = self.authenticator.verify(credentials, "INVITE", now, request.body)
+        if auth.outcome is not AuthOutcome.OK:
+            if auth.outcome is AuthOutcome.FAILED:
+                self.metrics.auth_failures.labels("bad_credentials").inc()
+                ban = self.bans.record_failure(source_ip, auth.username, now)
+                if ban is not None:
+                    self.metrics.bans.labels(ban.reason).inc()
+                    log.warning("calls.source_banned", source=source_ip, trigger=ban.reason)
+            challenges = self.authenticator.challenges(
+                now, stale=auth.outcome is AuthOutcome.STALE
+            )
+            self._respond(transaction, request, 407, None, to_tag=new_tag(),
+                          headers=[("Proxy-Authenticate", c) for c in challenges])
+            return
+        caller = self.directory.device(auth.username or "")
+        if caller is None:  # credentials of a device removed by a reload
+            self._respond(transaction, request, 403, "Unknown device", to_tag=new_tag())
+            return
+        self.bans.record_success(source_ip, auth.username)
+
+        call = Call(
+            call_id=request.call_id, a_request=request, a_transaction=transaction,
+            a_flow=flow, a_tag=new_tag(), caller=caller,
+            callee_dialled=_dialled(request), started_at=now,
+        )
+        if request.call_id in self.calls:
+            self._respond(transaction, request, 482, "Loop Detected", to_tag=call.a_tag)
+            return
+        self.calls[call.call_id] = call
+        self.metrics.calls_attempted.inc()
+        self.metrics.calls_active.inc()
+        self._respond(call, request, 100)
+        try:
+            await self._route(call)
+        except Exception:
+            log.exception("calls.routing_failed")
+            await self._fail(call, 500, "Internal error while routing the call", "failed")
+
+    async def _route(self, call: Call) -> None:
+        kind, target = self.classify(call.callee_dialled)
+        if kind == "internal":
+            callee = self.directory.device_by_extension(call.caller.account_id, target or "")
+            if callee is None:
+                await self._fail(call, 404, "No such extension", "failed")
+                return
+            call.callee = callee
+            bindings = await self.store.lookup(self.directory.aor(callee.username),
+                                               self.wall_clock())
+            if not bindings:
+                await self._fail(call, 480, "Callee is not registered", "unavailable")
+                return
+        elif kind == "emergency":
+            await self._fail(call, 503, "No emergency route configured", "failed")
+            return
+        elif kind == "external":
+            await self._fail(call, 503, "No trunk configured for external calls", "failed")
+            return
+        else:
+            await self._fail(call, 404, target or "Invalid number", "failed")
+            return
+        if call.cancelled:
+            await self._fail(call, 487, None, "cancelled")
+            return
+
+        body = call.a_request.body
+        if body and self.media is not None:
+            try:
+                body = await self.media.offer(call.call_id, call.caller_tag, body)
+                call.media = True
+            except MediaError as exc:
+                await self._fail(call, exc.status, exc.reason, "failed")
+                return
+        if call.cancelled:
+            await self._fail(call, 487, None, "cancelled")
+            return
+        call.b_call_id = new_call_id(self.directory.realm)
+        call.b_tag = new_tag()
+        self.dialogs[(call.call_id, call.a_tag)] = (call, "a")
+        self.dialogs[(call.b_call_id, call.b_tag)] = (call, "b")
+        call.state = CallState.EARLY
+        for binding in bindings:
+            fork = Fork(self._fork_request(call, binding.contact,
+                                           contact_flow(binding), body),
+                        contact_flow(binding))
+            call.forks.append(fork)
+        for fork in call.forks:
+            fork.transaction = self.core.start_request(
+                fork.request, fork.flow, lambda r, f=fork: self._fork_response(call, f, r)
+            )
+        call.ringing_timer = asyncio.get_running_loop().call_later(
+            self.no_answer_timeout, self._no_answer, call
+        )
+
+    def _fork_request(self, call: Call, contact: str, flow: Flow, body: bytes) -> SipRequest:
+        caller = call.caller
+        callee = call.callee
+        realm = self.directory.realm
+        display = f'"{caller.display_name}" ' if caller.display_name else ""
+        mf = call.a_request.max_forwards
+        headers = [
+            ("Via", f"SIP/2.0/{flow.transport.upper()} {self._sent_by(flow)};"
+                    f"branch={new_branch()};rport"),
+            ("Max-Forwards", str(max(0, (mf if mf is not None else 70) - 1))),
+            ("From", f"{display}<sip:{caller.extension}@{realm}>;tag={call.b_tag}"),
+            ("To", f"<sip:{callee.extension}@{realm}>"),
+            ("Call-ID", call.b_call_id),
+            ("CSeq", "1 INVITE"),
+            ("Contact", self._contact(flow, caller.extension)),
+            ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"),
+            ("User-Agent", self.server_header),
+        ]
+        if body:
+            headers.append(("Content-Type", "application/sdp"))
+        return SipRequest("INVITE", contact, headers, body)
+
+    # -- responses from the callee's contacts --------------------------------------------
+    def _fork_response(self, call: Call, fork: Fork, response: SipResponse | None) -> None:
+        if response is None:
+            response = SipResponse(408, "No response from the callee", list(fork.request.headers))
+        status = response.status
+        if status < 200:
+            if status == 100 or call.state is not CallState.EARLY:
+                return
+            fork.remote_tag = response.to.tag or fork.remote_tag
+            self._spawn(self._relay_provisional(call, fork, response))
+            return
+        if 200 <= status < 300:
+            if fork.final is not None and fork.final < 300:
+                # a 2xx retransmission: our ACK was lost, send it again
+                if fork.dialog is not None:
+                    self._send_ack(fork)
+                return
+            fork.final = status
+            fork.remote_tag = response.to.tag
+            fork.dialog = Dialog.as_uac(fork.request, response)
+            fork.dialog.confirm(response)
+            if call.winner is not None or call.state is CallState.ENDED or call.cancelled:
+                self._send_ack(fork)
+                self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
+                return
+            call.winner = fork
+            self._spawn(self._answered(call, fork, response))
+            return
+        fork.final = status
+        call.failures.append(response)
+        if call.winner is None and all(f.final is not None for f in call.forks):
+            self._spawn(self._all_forks_failed(call))
+
+    async def _relay_provisional(self, call: Call, fork: Fork, response: SipResponse) -> None:
+        body = response.body
+        if body and self.media is not None and call.media and fork.remote_tag:
+            try:
+                body = await self.media.answer(call.call_id, call.caller_tag,
+                                               fork.remote_tag, body)
+            except MediaError as exc:
+                log.info("calls.early_media_refused", error=str(exc))
+                body = b""
+        if call.state is not CallState.EARLY:
+            return
+        status = response.status if response.status in (180, 181, 182, 183) else 180
+        self._respond(call, call.a_request, status, None, to_tag=call.a_tag,
+                      headers=[("Contact", self._contact(call.a_flow))], body=body)
+
+    async def _answered(self, call: Call, fork: Fork, response: SipResponse) -> None:
+        if call.ringing_timer:
+            call.ringing_timer.cancel()
+        for other in call.forks:
+            if other is not fork and other.final is None:
+                self._cancel_fork(other)
+        body = response.body
+        if body and self.media is not None and call.media:
+            try:
+                body = await self.media.answer(call.call_id, call.caller_tag,
+                                               fork.remote_tag or "", body)
+            except MediaError as exc:
+                self._send_ack(fork)
+                self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
+                await self._fail(call, exc.status, exc.reason, "failed")
+                return
+        if call.cancelled or call.state is CallState.ENDED:
+            self._send_ack(fork)
+            self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
+            return
+        self._send_ack(fork)
+        call.state = CallState.ANSWERED
+        call.answered_at = self.wall_clock()
+        call.final_status = 200
+        call.a_dialog = Dialog.as_uas(call.a_request, call.a_tag)
+        call.a_dialog.confirm()
+        headers = [("Contact", self._contact(call.a_flow)),
+                   ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO")]
+        extra = [("Server", self.server_header), *headers]
+        if body:
+            extra.append(("Content-Type", "application/sdp"))
+        call.ok_response = make_response(call.a_request, 200, "OK", to_tag=call.a_tag,
+                                         headers=extra, body=body)
+        self.core.respond(call.a_transaction, call.ok_response)
+        self.metrics.calls_answered.inc()
+        log.info("call.answered", call_id=call.call_id, caller=call.caller.extension,
+                 callee=call.callee.extension if call.callee else None)
+        self._spawn(self._retransmit_ok(call))
+
+    async def _retransmit_ok(self, call: Call) -> None:
+        """The UAS core retransmits its 2xx until the ACK comes (RFC 3261 §13.3.1.4)."""
+        t1 = self.core.transactions.timers.t1 if hasattr(self.core.transactions, "timers") else 0.5
+        interval = t1
+        deadline = time.monotonic() + 64 * t1
+        reliable = call.a_flow.transport != "udp"
+        while call.state is CallState.ANSWERED:
+            if time.monotonic() >= deadline:
+                log.info("call.no_ack", call_id=call.call_id)
+                self._hangup(call, "switch", "no_ack", reason="SIP;cause=408;text=\"No ACK\"")
+                return
+            await asyncio.sleep(interval)
+            if call.state is CallState.ANSWERED and not reliable and call.ok_response:
+                self.core.send_stateless(call.ok_response, call.a_flow)
+            interval = min(interval * 2, 4.0)
+
+    def _send_ack(self, fork: Fork) -> None:
+        if fork.dialog is None:
+            return
+        ack = fork.dialog.create_request(
+            "ACK", self._sent_by(fork.flow), transport=fork.flow.transport.upper(),
+            cseq=fork.request.cseq.seq,
+        )
+        self.core.send_stateless(ack, fork.flow)
+
+    def _cancel_fork(self, fork: Fork) -> None:
+        req = fork.request
+        headers = [(n, v) for n, v in req.headers
+                   if n in ("Via", "From", "To", "Call-ID", "Max-Forwards")]
+        headers = [h for h in headers if h[0] != "Via"]
+        headers.insert(0, ("Via", req.header_lines("Via")[0]))
+        headers.append(("CSeq", f"{req.cseq.seq} CANCEL"))
+        headers.append(("Reason", 'SIP;cause=200;text="Call completed elsewhere"'))
+        cancel = SipRequest("CANCEL", req.uri, headers)
+        self.core.start_request(cancel, fork.flow, lambda r: None)
+
+    def _no_answer(self, call: Call) -> None:
+        if call.state is not CallState.EARLY:
+            return
+        for fork in call.forks:
+            if fork.final is None:
+                self._cancel_fork(fork)
+        self._spawn(self._fail(call, 480, "No answer", "no_answer"))
+
+    async def _all_forks_failed(self, call: Call) -> None:
+        if call.state is CallState.ENDED:
+            return
+        if call.cancelled:
+            await self._fail(call, 487, None, "cancelled")
+            return
+        statuses = [r.status for r in call.failures]
+        chosen = next((s for s in _PREFERRED_FAILURES if s in statuses), None)
+        if chosen is None:
+            chosen = min(statuses) if statuses else 480
+        if chosen in (401, 407):
+            chosen = 480
+        cause = {486: "busy", 600: "busy", 603: "declined", 480: "unavailable",
+                 408: "no_answer"}.get(chosen, "failed")
+        reason = next((r.reason for r in call.failures if r.status == chosen), None)
+        if 300 <= chosen < 400:
+            chosen, reason = 480, "Redirection is not supported"
+        await self._fail(call, chosen, reason, cause)
+
+    async def _fail(self, call: Call, status: int, reason: str | None, cause: str) -> None:
+        if call.state is CallState.ENDED:
+            return
+        call.final_status = status
+        self._respond(call, call.a_request, status, reason, to_tag=call.a_tag)
+        await self._end(call, cause, "switch" if cause != "cancelled" else "caller")
+
+    # -- CANCEL and ACK from the caller -------------------------------------------------------
+    def on_cancel(self, cancel: SipRequest, transaction: ServerTransaction, invite_tx) -> None:
+        self._respond(transaction, cancel, 200, to_tag=None)
+        call = self.calls.get(cancel.call_id)
+        if call is None or call.a_transaction is not invite_tx:
+            self.core.respond(invite_tx, make_response(
+                invite_tx.request, 487, to_tag=new_tag(),
+                headers=[("Server", self.server_header)]))
+            return
+        if call.state in (CallState.ROUTING, CallState.EARLY):
+            call.cancelled = True
+            for fork in call.forks:
+                if fork.final is None:
+                    self._cancel_fork(fork)
+            if call.state is CallState.EARLY:
+                self._spawn(self._fail(call, 487, None, "cancelled"))
+
+    def on_ack(self, ack: SipRequest) -> None:
+        entry = self.dialogs.get((ack.call_id, ack.to.tag or ""))
+        if entry is None:
+            return
+        call, side = entry
+        if side == "a" and call.state is CallState.ANSWERED:
+            call.state = CallState.CONFIRMED
+            log.debug("call.confirmed")
+
+    # -- in-dialog requests --------------------------------------------------------------------
+    def on_in_dialog(self, request: SipRequest, transaction: ServerTransaction) -> None:
+        entry = self.dialogs.get((request.call_id, request.to.tag or ""))
+        if entry is None or entry[0].state is CallState.ENDED:
+            self._respond(transaction, request, 481, "Call/Transaction Does Not Exist")
+            return
+        call, side = entry
+        if call.a_dialog is None or call.winner is None or call.winner.dialog is None:
+            self._respond(transaction, request, 491 if request.method == "INVITE" else 481)
+            return
+        dialog = call.a_dialog if side == "a" else call.winner.dialog
+        if not dialog.accept_remote_request(request):
+            self._respond(transaction, request, 500, "CSeq out of order")
+            return
+        if request.method == "BYE":
+            self._respond(transaction, request, 200)
+            self._hangup(call, "caller" if side == "a" else "callee", "normal", skip=side)
+            return
+        self._spawn(self._relay_in_dialog(call, side, request, transaction))
+
+    async def _relay_in_dialog(self, call: Call, side: str, request: SipRequest,
+                               transaction: ServerTransaction) -> None:
+        """Carry re-INVITE, UPDATE, INFO, OPTIONS... to the other leg and its answer back."""
+        other_dialog, other_flow = self._other_leg(call, side)
+        from_tag, to_tag = self._media_tags(call, side)
+        body = request.body
+        is_offer = request.method in ("INVITE", "UPDATE") and bool(body)
+        if is_offer and call.media and self.media is not None:
+            try:
+                body = await self.media.offer(call.call_id, from_tag, body)
+            except MediaError as exc:
+                self._respond(transaction, request, exc.status, exc.reason)
+                return
+        headers = []
+        for name in ("Content-Type", "Info-Package", "Event", "Reason"):
+            value = request.header(name)
+            if value is not None:
+                headers.append((name, value))
+        if request.method in ("INVITE", "UPDATE"):
+            headers.append(("Contact", self._contact(other_flow)))
+        out = other_dialog.create_request(
+            request.method, self._sent_by(other_flow), transport=other_flow.transport.upper(),
+            extra_headers=headers, body=body,
+        )
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def listener(response: SipResponse | None) -> None:
+            if response is None:
+                if not future.done():
+                    future.set_result(None)
+                return
+            if response.status >= 200 and not future.done():
+                future.set_result(response)
+
+        self.core.start_request(out, other_flow, listener)
+        response = await future
+        if response is None:
+            self._respond(transaction, request, 408, "No response from the other party")
+            return
+        answer = response.body
+        if request.method == "INVITE" and 200 <= response.status < 300:
+            ack = other_dialog.create_request("ACK", self._sent_by(other_flow),
+                                              transport=other_flow.transport.upper(),
+                                              cseq=out.cseq.seq)
+            self.core.send_stateless(ack, other_flow)
+        if is_offer and answer and response.status < 300 and call.media and self.media:
+            try:
+                answer = await self.media.answer(call.call_id, from_tag, to_tag, answer)
+            except MediaError as exc:
+                self._respond(transaction, request, exc.status, exc.reason)
+                return
+        extra = []
+        if request.method in ("INVITE", "UPDATE") and response.status < 300:
+            own_flow = call.a_flow if side == "a" else call.winner.flow
+            extra.append(("Contact", self._contact(own_flow)))
+        if answer and response.header("Content-Type"):
+            extra.append(("Content-Type", response.header("Content-Type")))
+        resp = make_response(request, response.status, response.reason,
+                             headers=[("Server", self.server_header), *extra], body=answer)
+        self.core.respond(transaction, resp)
+
+    def _other_leg(self, call: Call, side: str) -> tuple[Dialog, Flow]:
+        if side == "a":
+            return call.winner.dialog, call.winner.flow
+        return call.a_dialog, call.a_flow
+
+    def _media_tags(self, call: Call, side: str) -> tuple[str, str]:
+        a, b = call.caller_tag, call.winner.remote_tag or ""
+        return (a, b) if side == "a" else (b, a)
+
+    # -- ending ------------------------------------------------------------------------------
+    def _send_in_dialog(self, dialog: Dialog | None, flow: Flow, method: str,
+                        reason: str | None) -> None:
+        if dialog is None:
+            return
+        headers = [("Reason", reason)] if reason else []
+        request = dialog.create_request(method, self._sent_by(flow),
+                                        transport=flow.transport.upper(), extra_headers=headers)
+        self.core.start_request(request, flow, lambda r: None)
+
+    def _hangup(self, call: Call, by: str, cause: str, *, skip: str | None = None,
+                reason: str | None = None) -> None:
+        """End an established call: BYE to each leg that did not hang up itself."""
+        if call.state is CallState.ENDED:
+            return
+        if skip != "a":
+            self._send_in_dialog(call.a_dialog, call.a_flow, "BYE", reason)
+        if skip != "b" and call.winner is not None:
+            self._send_in_dialog(call.winner.dialog, call.winner.flow, "BYE", reason)
+        self._spawn(self._end(call, cause, by))
+
+    def hangup(self, call_id: str, cause: str = "admin", reason: str | None = None) -> bool:
+        """End a call from the switch's side (admin, limits); True if it existed."""
+        call = self.calls.get(call_id)
+        if call is None:
+            return False
+        if call.state in (CallState.ROUTING, CallState.EARLY):
+            call.cancelled = True
+            for fork in call.forks:
+                if fork.final is None:
+                    self._cancel_fork(fork)
+            self._spawn(self._fail(call, 480, "Call ended by the switch", cause))
+        else:
+            self._hangup(call, "switch", cause, reason=reason)
+        return True
+
+    def _on_media_timeout(self, call_id: str) -> None:
+        call = self.calls.get(call_id)
+        if call is not None and call.state in (CallState.ANSWERED, CallState.CONFIRMED):
+            log.info("call.media_timeout", call_id=call_id)
+            self._hangup(call, "switch", "media_timeout",
+                         reason='SIP;cause=408;text="Media timeout"')
+
+    async def _end(self, call: Call, cause: str, by: str) -> None:
+        if call.state is CallState.ENDED:
+            return
+        call.state = CallState.ENDED
+        call.ended_at = self.wall_clock()
+        call.end_cause = cause
+        call.hangup_by = by
+        if call.ringing_timer:
+            call.ringing_timer.cancel()
+        self.calls.pop(call.call_id, None)
+        self.dialogs.pop((call.call_id, call.a_tag), None)
+        self.dialogs.pop((call.b_call_id, call.b_tag), None)
+        self.metrics.calls_active.dec()
+        self.metrics.calls_ended.labels(cause).inc()
+        stats = None
+        if call.media and self.media is not None:
+            try:
+                result = await self.media.delete(call.call_id)
+                stats = result.as_dict() if result is not None else None
+            except Exception as exc:
+                log.warning("calls.media_delete_failed", error=str(exc))
+        log.info("call.ended", call_id=call.call_id, account=call.caller.account_id,
+                 cause=cause, hangup_by=by, status=call.final_status)
+        if self.on_call_end is not None:
+            try:
+                result = self.on_call_end(CallEnd(call, stats))
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("calls.record_failed")
+
+    async def close(self) -> None:
+        for call in list(self.calls.values()):
+            self.hangup(call.call_id, "shutdown")
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _dialled(request: SipRequest) -> str:
+    uri = request.request_uri
+    if isinstance(uri, SipUri):
+        return uri.user_unescaped or ""
+    if isinstance(uri, TelUri):
+        return uri.number
+    return str(uri)
