@@ -101,13 +101,18 @@ class ContactKeepalive:
             finally:
                 gate.release()
 
+        pinged: set[tuple[str, str]] = set()
         async for binding in self.store.iter_bindings(time.time()):
             if not self._is_ours(binding):
                 continue
+            pinged.add((binding.aor, binding.contact))
             await gate.acquire()
             tasks.append(asyncio.create_task(guarded(binding)))
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # Forget the misses of bindings that are gone (expired, unregistered, moved).
+        for key in [k for k in self.failures if k not in pinged]:
+            del self.failures[key]
         return len(tasks)
 
     async def run(self) -> None:
