@@ -20,6 +20,7 @@ from sip.transport import Flow, make_server_ssl_context
 
 from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
 from .calls import CallControl
+from .dialplan import DialPlan
 from .directory import DeviceDirectory
 from .keepalive import ContactKeepalive
 from .location import BindingStore, create_store
@@ -38,6 +39,12 @@ class Softswitch:
         self.settings = settings
         self.metrics = metrics or SwitchMetrics()
         self.directory = DeviceDirectory(settings)
+        self.dialplans = {
+            account.id: DialPlan.from_settings(
+                settings.dialplan, [d.extension for d in account.devices]
+            )
+            for account in settings.accounts
+        }
         self.store: BindingStore = create_store(
             settings.store.backend, settings.store.redis_url, settings.store.key_prefix
         )
@@ -82,18 +89,15 @@ class Softswitch:
         self.calls = CallControl(
             self.core, self.directory, self.store, self.authenticator, self.bans,
             self.metrics, None,
-            classify=self._classify, server_header=self.server_header,
+            dialplan_for=self.dialplan_for, server_header=self.server_header,
         )
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
         self.listening: list[tuple[str, str, int]] = []
         self._background: list[asyncio.Task] = []
 
-    def _classify(self, dialled: str) -> tuple[str, str | None]:
-        """Dialled string → (kind, target): internal extensions only for now."""
-        if dialled.isdigit():
-            return "internal", dialled
-        return "invalid", "Not a number this switch can route"
+    def dialplan_for(self, account_id: str) -> DialPlan:
+        return self.dialplans[account_id]
 
     def _is_local_host(self, host: str) -> bool:
         if self.directory.is_local_domain(host):

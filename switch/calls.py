@@ -31,6 +31,7 @@ from sip.transport import Flow
 from sip.uri import SipUri, TelUri
 
 from .auth import AuthOutcome, DigestAuthenticator, FailureBan
+from .dialplan import DestinationKind, DialPlan
 from .directory import Device, DeviceDirectory
 from .location import BindingStore
 from .metrics import SwitchMetrics
@@ -91,6 +92,7 @@ class Call:
     ok_response: SipResponse | None = None
     ringing_timer: asyncio.TimerHandle | None = None
     failures: list[SipResponse] = field(default_factory=list)
+    destination: object | None = None  # the dial plan's Destination
 
     @property
     def caller_tag(self) -> str:
@@ -116,7 +118,7 @@ class CallControl:
         metrics: SwitchMetrics,
         media: MediaBackend | None,
         *,
-        classify: Callable[[str], tuple[str, str | None]],
+        dialplan_for: Callable[[str], DialPlan],
         server_header: str,
         no_answer_timeout: float = 60.0,
         on_call_end: Callable[[CallEnd], object] | None = None,
@@ -129,7 +131,7 @@ class CallControl:
         self.bans = bans
         self.metrics = metrics
         self.media = media
-        self.classify = classify
+        self.dialplan_for = dialplan_for
         self.server_header = server_header
         self.no_answer_timeout = no_answer_timeout
         self.on_call_end = on_call_end
@@ -241,9 +243,15 @@ class CallControl:
             await self._fail(call, 500, "Internal error while routing the call", "failed")
 
     async def _route(self, call: Call) -> None:
-        kind, target = self.classify(call.callee_dialled)
-        if kind == "internal":
-            callee = self.directory.device_by_extension(call.caller.account_id, target or "")
+        destination = self.dialplan_for(call.caller.account_id).classify(
+            call.a_request.request_uri
+        )
+        call.destination = destination
+        kind = destination.kind
+        if kind is DestinationKind.INTERNAL:
+            callee = self.directory.device_by_extension(
+                call.caller.account_id, destination.extension or ""
+            )
             if callee is None:
                 await self._fail(call, 404, "No such extension", "failed")
                 return
@@ -253,14 +261,15 @@ class CallControl:
             if not bindings:
                 await self._fail(call, 480, "Callee is not registered", "unavailable")
                 return
-        elif kind == "emergency":
+        elif kind is DestinationKind.EMERGENCY:
+            # The emergency issue adds the route; until then say plainly why it fails.
             await self._fail(call, 503, "No emergency route configured", "failed")
             return
-        elif kind == "external":
+        elif kind is DestinationKind.EXTERNAL:
             await self._fail(call, 503, "No trunk configured for external calls", "failed")
             return
         else:
-            await self._fail(call, 404, target or "Invalid number", "failed")
+            await self._fail(call, 404, destination.reason or "Invalid number", "failed")
             return
         if call.cancelled:
             await self._fail(call, 487, None, "cancelled")

@@ -35,12 +35,17 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from switch.dialplan import DialPlanError, EmergencyNumbers, extension_conflicts
+
 __all__ = [
     "Account",
     "Auth",
     "BanPolicy",
+    "Cdr",
+    "CdrBilling",
     "ConfigError",
     "Device",
+    "DialPlanSection",
     "Listen",
     "Logging",
     "Registrar",
@@ -276,6 +281,79 @@ class Logging(_Model):
     format: Literal["json", "console"] = "json"
 
 
+class CdrBilling(_Model):
+    increment: int = Field(default=6, ge=1, le=3600)
+    minimum: int = Field(default=18, ge=0, le=3600)
+
+
+class Cdr(_Model):
+    """The CDR ledger (switch/cdr.py). A relative ``directory`` is relative to the
+    working directory of the switch process, not to the configuration file."""
+
+    directory: Path = Path("var/cdr")
+    rotate_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, le=1 << 40)
+    rotate_daily: bool = True
+    fsync: bool = True
+    billing: CdrBilling = Field(default_factory=CdrBilling)
+
+
+DEFAULT_DIALPLAN_COUNTRY = "FR"
+
+
+class DialPlanSection(_Model):
+    """How dialled strings are read (switch/dialplan.py); one country for the switch."""
+
+    country: str = DEFAULT_DIALPLAN_COUNTRY
+    outside_line_prefix: str | None = None
+    extra_emergency_numbers: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("country", "outside_line_prefix", mode="before")
+    @classmethod
+    def _code_text(cls, value: Any) -> Any:
+        return _require_text(value, str(value))
+
+    @field_validator("country")
+    @classmethod
+    def _check_country(cls, value: str) -> str:
+        code = value.strip().upper()
+        if code not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(
+                f"unknown country {value!r}: an ISO 3166 alpha-2 code libphonenumber knows,"
+                ' e.g. "FR", "US", "GB"'
+            )
+        return code
+
+    @field_validator("outside_line_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9]{1,4}", value):
+            raise ValueError("must be 1 to 4 digits (or null for none)")
+        return value
+
+    @field_validator("extra_emergency_numbers", mode="before")
+    @classmethod
+    def _extras_text(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            problems = _Problems()
+            for index, item in enumerate(value):
+                if isinstance(item, bool) or isinstance(item, int | float):
+                    problems.add((index,), f'must be a quoted string (write it as "{item}")')
+            problems.raise_if_any()
+        return value
+
+    @field_validator("extra_emergency_numbers")
+    @classmethod
+    def _check_extras(cls, value: list[str]) -> list[str]:
+        problems = _Problems()
+        for index, number in enumerate(value):
+            if not re.fullmatch(r"[0-9]{1,15}", number):
+                problems.add((index,), "must be 1 to 15 digits")
+            elif number in value[:index]:
+                problems.add((index,), f"duplicate number {number!r}")
+        problems.raise_if_any()
+        return value
+
+
 class Device(_Model):
     extension: str = Field(pattern=r"^[0-9]{1,15}$")
     username: str = ""
@@ -424,6 +502,8 @@ class Settings(_Model):
     auth: Auth = Field(default_factory=Auth)
     store: Store = Field(default_factory=Store)
     logging: Logging = Field(default_factory=Logging)
+    cdr: Cdr = Field(default_factory=Cdr)
+    dialplan: DialPlanSection = Field(default_factory=DialPlanSection)
     accounts: list[Account] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -608,6 +688,39 @@ def _cross_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Path_, s
                     )
                 else:
                     numbers[did] = f"{where}.did"
+    problems.extend(_dialplan_problems(data))
+    return problems
+
+
+def _dialplan_problems(data: dict[str, Any]) -> list[tuple[Path_, str]]:
+    """Extensions an emergency number would shadow (9-911, 112, ...) are refused: emergency
+    recognition always comes first in the dial plan, so such an extension would never ring.
+    Without a ``dialplan`` section the default country applies."""
+    section = _mapping(data.get("dialplan") or {})
+    country = section.get("country", DEFAULT_DIALPLAN_COUNTRY)
+    prefix = section.get("outside_line_prefix")
+    if not isinstance(country, str) or not isinstance(prefix, str | None):
+        return []  # wrong shapes are reported by the model
+    if prefix is not None and not re.fullmatch(r"[0-9]{1,4}", prefix):
+        prefix = None
+    extras = [
+        number
+        for number in _sequence(section.get("extra_emergency_numbers"))
+        if isinstance(number, str) and re.fullmatch(r"[0-9]{1,15}", number)
+    ]
+    try:
+        emergency = EmergencyNumbers(country.strip().upper(), extras)
+    except DialPlanError:
+        return []
+    problems: list[tuple[Path_, str]] = []
+    for a_index, raw_account in enumerate(_sequence(data.get("accounts"))):
+        for d_index, raw_device in enumerate(_sequence(_mapping(raw_account).get("devices"))):
+            extension = _mapping(raw_device).get("extension")
+            if not isinstance(extension, str) or not extension.isascii():
+                continue
+            for message in extension_conflicts([extension], emergency, prefix).values():
+                path: Path_ = ("accounts", a_index, "devices", d_index, "extension")
+                problems.append((path, message))
     return problems
 
 

@@ -360,7 +360,9 @@ def test_device_field_formats() -> None:
 
 
 def test_more_than_1000_devices_is_refused() -> None:
-    devices = "".join(f'      - {{extension: "{n}", password: p}}\n' for n in range(1001))
+    devices = "".join(
+        f'      - {{extension: "{1000 + n}", password: p}}\n' for n in range(1001)
+    )
     text = "accounts:\n  - id: big\n    devices:\n" + devices
     with pytest.raises(ConfigError) as caught:
         load_settings_text(text, "cfg.yaml")
