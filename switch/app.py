@@ -19,7 +19,8 @@ from sip.message import SipRequest, SipResponse, make_response
 from sip.transport import Flow, make_server_ssl_context
 
 from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
-from .calls import CallControl
+from .calls import CallControl, CallEnd
+from .cdr import CallRecord, ledger_from_settings
 from .dialplan import DialPlan
 from .directory import DeviceDirectory
 from .keepalive import ContactKeepalive
@@ -90,11 +91,51 @@ class Softswitch:
             self.core, self.directory, self.store, self.authenticator, self.bans,
             self.metrics, None,
             dialplan_for=self.dialplan_for, server_header=self.server_header,
+            on_call_end=self.record_call,
         )
+        self.ledger, self.billing = ledger_from_settings(settings.cdr)
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
         self.listening: list[tuple[str, str, int]] = []
         self._background: list[asyncio.Task] = []
+
+    async def record_call(self, end: CallEnd) -> None:
+        """Append the call's CDR; returns once it is on disk (fsync'd)."""
+        call = end.call
+        destination = call.destination
+        media = None
+        if end.media_stats:
+            media = {
+                name: {
+                    "packets": end.media_stats[key]["packets"],
+                    "bytes": end.media_stats[key]["bytes"],
+                    "lost": end.media_stats[key]["lost"],
+                    "jitter_ms": end.media_stats[key]["jitter_ms"] or 0.0,
+                }
+                for name, key in (("caller_to_callee", "a_to_b"), ("callee_to_caller", "b_to_a"))
+            }
+        record = CallRecord.for_call(
+            call_id=call.call_id,
+            account=call.caller.account_id,
+            device=call.caller.extension,
+            caller=call.caller.did or call.caller.extension,
+            callee_dialled=call.callee_dialled,
+            callee_e164=getattr(destination, "e164", None),
+            classification=(
+                str(destination.kind).lower() if destination is not None else "invalid"
+            ),
+            trunk=None,
+            start=call.started_at,
+            answer=call.answered_at,
+            end=call.ended_at or call.started_at,
+            end_cause=call.end_cause,
+            hangup_by=call.hangup_by,
+            sip_status=call.final_status or 0,
+            media=media,
+            node=self.settings.switch.node_id,
+            billing=self.billing,
+        )
+        await self.ledger.append(record)
 
     def dialplan_for(self, account_id: str) -> DialPlan:
         return self.dialplans[account_id]
@@ -118,6 +159,8 @@ class Softswitch:
         )
 
     async def start(self) -> None:
+        for report in self.ledger.open():
+            log.warning("cdr.recovered", report=str(report))
         tls_context = None
         if self.settings.tls.certificate and self.settings.tls.private_key:
             tls_context = make_server_ssl_context(
@@ -163,6 +206,7 @@ class Softswitch:
                 await task
         await self.calls.close()
         await self.core.close()
+        await self.ledger.close()
         await self.store.close()
         log.info("switch.stopped")
 

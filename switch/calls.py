@@ -673,9 +673,12 @@ class CallControl:
             except Exception:
                 log.exception("calls.record_failed")
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Hang up every call and wait (bounded) for their endings, CDRs included."""
         for call in list(self.calls.values()):
             self.hangup(call.call_id, "shutdown")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
         for task in list(self._tasks):
             task.cancel()
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m switch run --config FILE`` and ``check-config FILE``.
+"""Command line: ``python -m switch run --config FILE``, ``check-config FILE`` and
+``cdr export --config FILE --from DATE --to DATE [--output FILE.csv]``.
 
 Exit codes: 0 success, 2 unusable configuration (or bad command line), 130 interrupted.
 A configuration problem is printed as ``file:line: key: problem`` lines, never as a
@@ -52,7 +53,72 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate a configuration file and report every problem"
     )
     check.add_argument("file", metavar="FILE", help="YAML configuration file")
+
+    cdr = commands.add_parser("cdr", help="call detail records")
+    cdr_commands = cdr.add_subparsers(dest="cdr_command", metavar="COMMAND", required=True)
+    export = cdr_commands.add_parser(
+        "export",
+        help="write the records of calls started in a UTC time range as CSV",
+        description="Dates (YYYY-MM-DD) or date-times (ISO 8601, UTC unless an offset is "
+        "given). --to is inclusive for a date (the whole day), exclusive for a date-time.",
+    )
+    export.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+    export.add_argument("--from", dest="start_from", required=True, type=_cdr_from, metavar="WHEN")
+    export.add_argument("--to", dest="until", required=True, type=_cdr_to, metavar="WHEN")
+    export.add_argument("--output", "-o", metavar="FILE", help="CSV file (default: stdout)")
     return parser
+
+
+def _cdr_bound(text: str, *, inclusive_day: bool) -> float:
+    from datetime import UTC, date, datetime, timedelta
+
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text) + timedelta(days=1 if inclusive_day else 0)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date or ISO 8601 date-time: {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _cdr_from(text: str) -> float:
+    return _cdr_bound(text, inclusive_day=False)
+
+
+def _cdr_to(text: str) -> float:
+    return _cdr_bound(text, inclusive_day=True)
+
+
+def _cdr_export(config: str, start_from: float, until: float, output: str | None) -> int:
+    try:
+        settings = load_settings(config)
+    except ConfigError as error:
+        _print_errors(error)
+        return EXIT_CONFIG
+    if until <= start_from:
+        print("cdr export: --to must be after --from", file=sys.stderr)
+        return EXIT_CONFIG
+    from switch.cdr import CdrLedger
+
+    directory = settings.cdr.directory
+    if not directory.is_dir():
+        print(f"cdr export: no CDR directory {directory}", file=sys.stderr)
+        return 1
+    ledger = CdrLedger(directory)
+    try:
+        if output is None:
+            rows = ledger.export_csv(start_from, until, sys.stdout)
+        else:
+            with open(output, "w", newline="", encoding="utf-8") as out:
+                rows = ledger.export_csv(start_from, until, out)
+    except OSError as exc:
+        print(f"cdr export: {exc}", file=sys.stderr)
+        return 1
+    skipped = ledger.stats.unreadable_lines
+    note = f" ({skipped} unreadable lines skipped)" if skipped else ""
+    print(f"cdr export: {rows} records from {directory}{note}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _print_errors(error: ConfigError) -> None:
@@ -97,4 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.file)
     if args.command == "run":
         return _run(args.config)
+    if args.command == "cdr" and args.cdr_command == "export":
+        return _cdr_export(args.config, args.start_from, args.until, args.output)
     return EXIT_CONFIG  # unreachable: argparse requires a known command
