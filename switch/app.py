@@ -20,7 +20,7 @@ from sip.transport import Flow, make_server_ssl_context
 
 from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
 from .calls import CallControl, CallEnd
-from .cdr import CallRecord, ledger_from_settings
+from .cdr import CallRecord, LedgerLockedError, ledger_from_settings
 from .dialplan import DialPlan
 from .directory import DeviceDirectory
 from .keepalive import ContactKeepalive
@@ -235,7 +235,8 @@ def run(settings: Settings) -> int:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except OSError as exc:
+    except (OSError, LedgerLockedError, ValueError) as exc:
+        # e.g. a port in use, a second switch on the same CDR directory, a bad Redis URL
         log.error("switch.start_failed", error=str(exc))
         return 1
     return 0

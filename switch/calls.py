@@ -25,6 +25,8 @@ import structlog
 from media.backend import MediaBackend, MediaError
 from sip.dialog import Dialog, new_call_id, new_tag
 from sip.digest import parse_credentials
+from sip.grammar import GrammarError
+from sip.headers import parse_name_address
 from sip.message import SipRequest, SipResponse, make_response
 from sip.transaction import ClientTransaction, ServerTransaction, new_branch
 from sip.transport import Flow
@@ -36,9 +38,11 @@ from .directory import Device, DeviceDirectory
 from .location import BindingStore
 from .metrics import SwitchMetrics
 from .registrar import contact_flow
-from .signalling import SignallingCore
+from .signalling import RequestTimeout, SignallingCore
 
 log = structlog.get_logger("switch.calls")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REFER, NOTIFY"
 
 # Statuses a caller is best told, in order of preference, when every fork failed
 # (RFC 3261 §16.7 step 6, simplified): a definitive 6xx, busy, then the rest.
@@ -63,6 +67,19 @@ class Fork:
     remote_tag: str | None = None
     final: int | None = None
     dialog: Dialog | None = None
+    prack_seq: int = 1
+
+
+@dataclass(slots=True)
+class Leg:
+    """One established side of a call: its dialog, the flow that reaches the party,
+    the name the media backend knows it by, and the last SDP it sent."""
+
+    dialog: Dialog
+    flow: Flow
+    media_tag: str
+    sdp: bytes = b""
+    allows_update: bool = False
 
 
 @dataclass(slots=True)
@@ -81,7 +98,8 @@ class Call:
     b_tag: str = ""  # our From tag towards the callee
     forks: list[Fork] = field(default_factory=list)
     winner: Fork | None = None
-    a_dialog: Dialog | None = None
+    legs: dict[str, Leg] = field(default_factory=dict)  # "a" (caller side), "b"
+    refresh_task: asyncio.Task | None = None
     answered_at: float | None = None
     ended_at: float | None = None
     end_cause: str = ""
@@ -92,6 +110,7 @@ class Call:
     ok_response: SipResponse | None = None
     ringing_timer: asyncio.TimerHandle | None = None
     failures: list[SipResponse] = field(default_factory=list)
+    transferred: bool = False
     destination: object | None = None  # the dial plan's Destination
 
     @property
@@ -121,6 +140,7 @@ class CallControl:
         dialplan_for: Callable[[str], DialPlan],
         server_header: str,
         no_answer_timeout: float = 60.0,
+        session_expires: float = 1800.0,
         on_call_end: Callable[[CallEnd], object] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -134,6 +154,7 @@ class CallControl:
         self.dialplan_for = dialplan_for
         self.server_header = server_header
         self.no_answer_timeout = no_answer_timeout
+        self.session_expires = session_expires
         self.on_call_end = on_call_end
         self.wall_clock = wall_clock
         self.calls: dict[str, Call] = {}
@@ -305,21 +326,27 @@ class CallControl:
         )
 
     def _fork_request(self, call: Call, contact: str, flow: Flow, body: bytes) -> SipRequest:
-        caller = call.caller
-        callee = call.callee
+        mf = call.a_request.max_forwards
+        return self._leg_invite(call.caller, call.callee, contact, flow, body, call.b_call_id,
+                                call.b_tag, max(0, (mf if mf is not None else 70) - 1))
+
+    def _leg_invite(self, caller: Device, callee: Device, contact: str, flow: Flow,
+                    body: bytes, call_id: str, tag: str, max_forwards: int) -> SipRequest:
+        """The INVITE of a new outgoing leg to one contact of a device."""
         realm = self.directory.realm
         display = f'"{caller.display_name}" ' if caller.display_name else ""
-        mf = call.a_request.max_forwards
         headers = [
             ("Via", f"SIP/2.0/{flow.transport.upper()} {self._sent_by(flow)};"
                     f"branch={new_branch()};rport"),
-            ("Max-Forwards", str(max(0, (mf if mf is not None else 70) - 1))),
-            ("From", f"{display}<sip:{caller.extension}@{realm}>;tag={call.b_tag}"),
+            ("Max-Forwards", str(max_forwards)),
+            ("From", f"{display}<sip:{caller.extension}@{realm}>;tag={tag}"),
             ("To", f"<sip:{callee.extension}@{realm}>"),
-            ("Call-ID", call.b_call_id),
+            ("Call-ID", call_id),
             ("CSeq", "1 INVITE"),
             ("Contact", self._contact(flow, caller.extension)),
-            ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"),
+            ("Allow", ALLOW),
+            ("Supported", "timer"),
+            ("Session-Expires", f"{int(self.session_expires)};refresher=uac"),
             ("User-Agent", self.server_header),
         ]
         if body:
@@ -335,6 +362,8 @@ class CallControl:
             if status == 100 or call.state is not CallState.EARLY:
                 return
             fork.remote_tag = response.to.tag or fork.remote_tag
+            if "100rel" in response.option_tags("Require") and response.header("RSeq"):
+                self._prack(fork, response)
             self._spawn(self._relay_provisional(call, fork, response))
             return
         if 200 <= status < 300:
@@ -358,6 +387,21 @@ class CallControl:
         call.failures.append(response)
         if call.winner is None and all(f.final is not None for f in call.forks):
             self._spawn(self._all_forks_failed(call))
+
+    def _prack(self, fork: Fork, response: SipResponse) -> None:
+        """Acknowledge a reliable provisional response (RFC 3262) in the early dialog.
+        The switch never asks the caller for 100rel, so the PRACK ends here."""
+        rseq = (response.header("RSeq") or "").strip()
+        if not rseq.isdigit() or not response.to.tag:
+            return
+        early = Dialog.as_uac(fork.request, response)
+        early.local_seq = max(early.local_seq, fork.prack_seq)
+        prack = early.create_request(
+            "PRACK", self._sent_by(fork.flow), transport=fork.flow.transport.upper(),
+            extra_headers=[("RAck", f"{rseq} {fork.request.cseq.seq} INVITE")],
+        )
+        fork.prack_seq = early.local_seq
+        self.core.start_request(prack, fork.flow, lambda r: None)
 
     async def _relay_provisional(self, call: Call, fork: Fork, response: SipResponse) -> None:
         body = response.body
@@ -398,10 +442,19 @@ class CallControl:
         call.state = CallState.ANSWERED
         call.answered_at = self.wall_clock()
         call.final_status = 200
-        call.a_dialog = Dialog.as_uas(call.a_request, call.a_tag)
-        call.a_dialog.confirm()
-        headers = [("Contact", self._contact(call.a_flow)),
-                   ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO")]
+        a_dialog = Dialog.as_uas(call.a_request, call.a_tag)
+        a_dialog.confirm()
+        if fork.dialog is not None:  # PRACKs used sequence numbers of this dialog
+            fork.dialog.local_seq = max(fork.dialog.local_seq, fork.prack_seq)
+        call.legs["a"] = Leg(a_dialog, call.a_flow, call.caller_tag, call.a_request.body,
+                             allows_update="UPDATE" in (call.a_request.header("Allow") or ""))
+        call.legs["b"] = Leg(fork.dialog, fork.flow, fork.remote_tag or "", response.body,
+                             allows_update="UPDATE" in (response.header("Allow") or ""))
+        headers = [("Contact", self._contact(call.a_flow)), ("Allow", ALLOW)]
+        if "timer" in call.a_request.option_tags("Supported"):
+            # The switch refreshes both legs itself (RFC 4028 with refresher=uas here).
+            headers.append(("Session-Expires", f"{int(self.session_expires)};refresher=uas"))
+            headers.append(("Require", "timer"))
         extra = [("Server", self.server_header), *headers]
         if body:
             extra.append(("Content-Type", "application/sdp"))
@@ -412,6 +465,7 @@ class CallControl:
         log.info("call.answered", call_id=call.call_id, caller=call.caller.extension,
                  callee=call.callee.extension if call.callee else None)
         self._spawn(self._retransmit_ok(call))
+        call.refresh_task = asyncio.get_running_loop().create_task(self._refresh_session(call))
 
     async def _retransmit_ok(self, call: Call) -> None:
         """The UAS core retransmits its 2xx until the ACK comes (RFC 3261 §13.3.1.4)."""
@@ -516,24 +570,30 @@ class CallControl:
             self._respond(transaction, request, 481, "Call/Transaction Does Not Exist")
             return
         call, side = entry
-        if call.a_dialog is None or call.winner is None or call.winner.dialog is None:
+        if len(call.legs) < 2:
             self._respond(transaction, request, 491 if request.method == "INVITE" else 481)
             return
-        dialog = call.a_dialog if side == "a" else call.winner.dialog
-        if not dialog.accept_remote_request(request):
+        if not call.legs[side].dialog.accept_remote_request(request):
             self._respond(transaction, request, 500, "CSeq out of order")
             return
         if request.method == "BYE":
             self._respond(transaction, request, 200)
             self._hangup(call, "caller" if side == "a" else "callee", "normal", skip=side)
             return
+        if request.method == "REFER":
+            self._spawn(self._transfer(call, side, request, transaction))
+            return
+        if request.method == "NOTIFY":
+            self._respond(transaction, request, 200)  # progress of a transfer we asked for
+            return
         self._spawn(self._relay_in_dialog(call, side, request, transaction))
 
     async def _relay_in_dialog(self, call: Call, side: str, request: SipRequest,
                                transaction: ServerTransaction) -> None:
         """Carry re-INVITE, UPDATE, INFO, OPTIONS... to the other leg and its answer back."""
-        other_dialog, other_flow = self._other_leg(call, side)
-        from_tag, to_tag = self._media_tags(call, side)
+        other = call.legs[_OTHER[side]]
+        other_dialog, other_flow = other.dialog, other.flow
+        from_tag, to_tag = call.legs[side].media_tag, other.media_tag
         body = request.body
         is_offer = request.method in ("INVITE", "UPDATE") and bool(body)
         if is_offer and call.media and self.media is not None:
@@ -574,6 +634,10 @@ class CallControl:
                                               transport=other_flow.transport.upper(),
                                               cseq=out.cseq.seq)
             self.core.send_stateless(ack, other_flow)
+        if is_offer and response.status < 300:
+            call.legs[side].sdp = request.body
+            if answer:
+                other.sdp = answer
         if is_offer and answer and response.status < 300 and call.media and self.media:
             try:
                 answer = await self.media.answer(call.call_id, from_tag, to_tag, answer)
@@ -582,31 +646,179 @@ class CallControl:
                 return
         extra = []
         if request.method in ("INVITE", "UPDATE") and response.status < 300:
-            own_flow = call.a_flow if side == "a" else call.winner.flow
-            extra.append(("Contact", self._contact(own_flow)))
+            extra.append(("Contact", self._contact(call.legs[side].flow)))
         if answer and response.header("Content-Type"):
             extra.append(("Content-Type", response.header("Content-Type")))
         resp = make_response(request, response.status, response.reason,
                              headers=[("Server", self.server_header), *extra], body=answer)
         self.core.respond(transaction, resp)
 
-    def _other_leg(self, call: Call, side: str) -> tuple[Dialog, Flow]:
-        if side == "a":
-            return call.winner.dialog, call.winner.flow
-        return call.a_dialog, call.a_flow
 
-    def _media_tags(self, call: Call, side: str) -> tuple[str, str]:
-        a, b = call.caller_tag, call.winner.remote_tag or ""
-        return (a, b) if side == "a" else (b, a)
+    # -- blind transfer (REFER, RFC 3515) -------------------------------------------------------
+    async def _transfer(self, call: Call, side: str, refer: SipRequest,
+                        transaction: ServerTransaction) -> None:
+        """The party on `side` asks that the other party be connected to Refer-To.
+        The switch places that call itself, keeps the other party's relay ports, and
+        drops the transferor once the target answered (NOTIFY tells it how it went)."""
+        try:
+            target = parse_name_address(refer.header("Refer-To") or "")
+        except GrammarError:
+            self._respond(transaction, refer, 400, "Missing or malformed Refer-To")
+            return
+        if isinstance(target.uri, SipUri) and target.uri.headers:
+            self._respond(transaction, refer, 501, "Attended transfer is not supported")
+            return
+        transferor = call.caller if side == "a" else call.callee
+        kept_side = _OTHER[side]
+        kept_device = call.callee if side == "a" else call.caller
+        if transferor is None or kept_device is None:
+            self._respond(transaction, refer, 403, "Transfer not allowed on this call")
+            return
+        destination = self.dialplan_for(transferor.account_id).classify(target.uri)
+        if destination.kind is not DestinationKind.INTERNAL:
+            self._respond(transaction, refer, 403, "Only transfers to extensions are supported")
+            return
+        new_callee = self.directory.device_by_extension(
+            transferor.account_id, destination.extension or ""
+        )
+        bindings = (
+            await self.store.lookup(self.directory.aor(new_callee.username), self.wall_clock())
+            if new_callee is not None else []
+        )
+        if not bindings:
+            self._respond(transaction, refer, 480, "Transfer target is not registered")
+            return
+        self._respond(transaction, refer, 202, "Accepted")
+        old = call.legs[side]
+        self._notify_refer(old, "SIP/2.0 100 Trying", final=False)
+
+        kept = call.legs[kept_side]
+        body = kept.sdp
+        if body and call.media and self.media is not None:
+            try:
+                body = await self.media.offer(call.call_id, kept.media_tag, body)
+            except MediaError as exc:
+                self._notify_refer(old, f"SIP/2.0 {exc.status} {exc.reason}", final=True)
+                return
+        t_call_id, t_tag = new_call_id(self.directory.realm), new_tag()
+        outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+        forks: list[Fork] = []
+        for binding in bindings:
+            flow = contact_flow(binding)
+            request = self._leg_invite(kept_device, new_callee, binding.contact, flow, body,
+                                       t_call_id, t_tag, 70)
+            forks.append(Fork(request, flow))
+
+        def on_response(fork: Fork, response: SipResponse | None) -> None:
+            if response is None or response.status >= 300:
+                fork.final = 408 if response is None else response.status
+                if all(f.final is not None for f in forks) and not outcome.done():
+                    outcome.set_result((None, response))
+                return
+            if response.status >= 200:
+                first = fork.final is None
+                fork.final = response.status
+                fork.remote_tag = response.to.tag
+                fork.dialog = Dialog.as_uac(fork.request, response)
+                fork.dialog.confirm(response)
+                self._send_ack(fork)
+                if outcome.done() or not first:
+                    if first:
+                        self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
+                    return
+                outcome.set_result((fork, response))
+
+        for fork in forks:
+            fork.transaction = self.core.start_request(
+                fork.request, fork.flow, lambda r, f=fork: on_response(f, r)
+            )
+        try:
+            winner, response = await asyncio.wait_for(outcome, self.no_answer_timeout)
+        except TimeoutError:
+            winner, response = None, None
+        if winner is None:
+            for fork in forks:
+                if fork.final is None:
+                    self._cancel_fork(fork)
+            status = f"{response.status} {response.reason}" if response else "408 No answer"
+            self._notify_refer(old, f"SIP/2.0 {status}", final=True)
+            return
+        for fork in forks:
+            if fork is not winner and fork.final is None:
+                self._cancel_fork(fork)
+        answer = response.body
+        if answer and call.media and self.media is not None:
+            try:
+                await self.media.answer(call.call_id, kept.media_tag, old.media_tag, answer)
+            except MediaError as exc:
+                log.info("call.transfer_media_failed", call_id=call.call_id, error=str(exc))
+        if call.state is CallState.ENDED:
+            self._send_in_dialog(winner.dialog, winner.flow, "BYE", None)
+            return
+        self._notify_refer(old, "SIP/2.0 200 OK", final=True)
+        self._send_in_dialog(old.dialog, old.flow, "BYE", None)
+        self.dialogs.pop((old.dialog.call_id, old.dialog.local_tag), None)
+        call.legs[side] = Leg(winner.dialog, winner.flow, old.media_tag, answer,
+                              allows_update="UPDATE" in (response.header("Allow") or ""))
+        self.dialogs[(t_call_id, t_tag)] = (call, side)
+        if side == "a":
+            call.caller = new_callee
+        else:
+            call.callee = new_callee
+        call.transferred = True
+        log.info("call.transferred", call_id=call.call_id, by=transferor.extension,
+                 to=new_callee.extension)
+
+    def _notify_refer(self, leg: Leg, sipfrag: str, *, final: bool) -> None:
+        state = "terminated;reason=noresource" if final else "active;expires=60"
+        self._send_in_dialog(
+            leg.dialog, leg.flow, "NOTIFY", None,
+            headers=[("Event", "refer"), ("Subscription-State", state),
+                     ("Content-Type", "message/sipfrag;version=2.0")],
+            body=sipfrag.encode() + b"\r\n",
+        )
+
+    # -- session refresh (RFC 4028) -------------------------------------------------------------
+    async def _refresh_session(self, call: Call) -> None:
+        """Every half session interval, refresh each leg (UPDATE where the party allows it,
+        else an in-dialog OPTIONS); a leg that does not answer ends the call, so a dead
+        phone cannot hold a call (and its fair-use slot) forever."""
+        interval = self.session_expires / 2
+        while call.state in (CallState.ANSWERED, CallState.CONFIRMED):
+            await asyncio.sleep(interval)
+            for leg in list(call.legs.values()):
+                if call.state is CallState.ENDED:
+                    return
+                method = "UPDATE" if leg.allows_update else "OPTIONS"
+                headers = []
+                if method == "UPDATE":
+                    headers = [("Session-Expires", f"{int(self.session_expires)};refresher=uac"),
+                               ("Supported", "timer")]
+                request = leg.dialog.create_request(
+                    method, self._sent_by(leg.flow), transport=leg.flow.transport.upper(),
+                    extra_headers=headers,
+                )
+                try:
+                    response = await self.core.request(request, leg.flow)
+                except RequestTimeout:
+                    response = None
+                if response is None or response.status in (408, 481):
+                    log.info("call.session_expired", call_id=call.call_id,
+                             status=response.status if response else None)
+                    self._hangup(call, "switch", "session_timeout",
+                                 reason='SIP;cause=408;text="Session refresh failed"')
+                    return
 
     # -- ending ------------------------------------------------------------------------------
     def _send_in_dialog(self, dialog: Dialog | None, flow: Flow, method: str,
-                        reason: str | None) -> None:
+                        reason: str | None, *, headers=(), body: bytes = b"") -> None:
         if dialog is None:
             return
-        headers = [("Reason", reason)] if reason else []
+        extra = [("Reason", reason)] if reason else []
+        extra.extend(headers)
         request = dialog.create_request(method, self._sent_by(flow),
-                                        transport=flow.transport.upper(), extra_headers=headers)
+                                        transport=flow.transport.upper(), extra_headers=extra,
+                                        body=body)
         self.core.start_request(request, flow, lambda r: None)
 
     def _hangup(self, call: Call, by: str, cause: str, *, skip: str | None = None,
@@ -614,10 +826,9 @@ class CallControl:
         """End an established call: BYE to each leg that did not hang up itself."""
         if call.state is CallState.ENDED:
             return
-        if skip != "a":
-            self._send_in_dialog(call.a_dialog, call.a_flow, "BYE", reason)
-        if skip != "b" and call.winner is not None:
-            self._send_in_dialog(call.winner.dialog, call.winner.flow, "BYE", reason)
+        for side, leg in call.legs.items():
+            if side != skip:
+                self._send_in_dialog(leg.dialog, leg.flow, "BYE", reason)
         self._spawn(self._end(call, cause, by))
 
     def hangup(self, call_id: str, cause: str = "admin", reason: str | None = None) -> bool:
@@ -651,6 +862,8 @@ class CallControl:
         call.hangup_by = by
         if call.ringing_timer:
             call.ringing_timer.cancel()
+        if call.refresh_task is not None and call.refresh_task is not asyncio.current_task():
+            call.refresh_task.cancel()
         self.calls.pop(call.call_id, None)
         self.dialogs.pop((call.call_id, call.a_tag), None)
         self.dialogs.pop((call.b_call_id, call.b_tag), None)
@@ -681,6 +894,9 @@ class CallControl:
             await asyncio.wait(list(self._tasks), timeout=timeout)
         for task in list(self._tasks):
             task.cancel()
+
+
+_OTHER = {"a": "b", "b": "a"}
 
 
 def _dialled(request: SipRequest) -> str:

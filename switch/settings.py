@@ -288,7 +288,7 @@ class CdrBilling(_Model):
 
 class Cdr(_Model):
     """The CDR ledger (switch/cdr.py). A relative ``directory`` is relative to the
-    working directory of the switch process, not to the configuration file."""
+    directory of the configuration file, like every other path in it."""
 
     directory: Path = Path("var/cdr")
     rotate_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, le=1 << 40)
@@ -520,6 +520,8 @@ class Settings(_Model):
             value: Path | None = getattr(self.tls, name)
             if value is not None and not value.is_absolute():
                 setattr(self.tls, name, base_dir / value)
+        if not self.cdr.directory.is_absolute():
+            self.cdr.directory = base_dir / self.cdr.directory
         return self
 
     # ---- conveniences -----------------------------------------------------------------

@@ -99,7 +99,7 @@ class SignallingCore:
     def allowed_methods(self) -> set[str]:
         methods = set(self.handlers) | {"ACK", "CANCEL"}
         if self.invite_handler is not None:
-            methods |= {"INVITE", "BYE", "UPDATE", "INFO"}
+            methods |= {"INVITE", "BYE", "UPDATE", "INFO", "REFER", "NOTIFY"}
         return methods
 
     async def close(self) -> None:

@@ -630,8 +630,8 @@ def test_cli_cdr_export_refuses_bad_dates_and_missing_directory(tmp_path: Path) 
 
 
 def test_cdr_settings_defaults_and_overrides() -> None:
-    defaults = load_settings_text("", "empty.yaml").cdr
-    assert str(defaults.directory) == "var/cdr"
+    defaults = load_settings_text("", "/etc/softswitch/empty.yaml").cdr
+    assert str(defaults.directory) == "/etc/softswitch/var/cdr"  # beside the config file
     assert defaults.rotate_bytes == 67108864
     assert defaults.rotate_daily is True and defaults.fsync is True
     assert (defaults.billing.increment, defaults.billing.minimum) == (6, 18)
