@@ -15,6 +15,9 @@ import time
 
 import structlog
 
+from media.backend import MediaBackend
+from media.relay import RtpRelay
+from media.rtpengine import RtpengineBackend
 from sip.message import SipRequest, SipResponse, make_response
 from sip.transport import Flow, make_server_ssl_context
 
@@ -27,12 +30,31 @@ from .keepalive import ContactKeepalive
 from .location import BindingStore, create_store
 from .metrics import SwitchMetrics
 from .registrar import Registrar
+from .settings import Media as MediaSettings
 from .settings import Settings
 from .signalling import SignallingCore
 
 log = structlog.get_logger("switch.app")
 
 EXPIRY_SWEEP_SECONDS = 5.0
+
+
+def create_media_backend(settings: MediaSettings) -> MediaBackend | None:
+    """The media backend the YAML asks for (None: SDP passes through untouched)."""
+    if settings.backend == "none":
+        return None
+    if settings.backend == "rtpengine":
+        host, _, port = settings.rtpengine.rpartition(":")
+        return RtpengineBackend(
+            (host.strip("[]"), int(port)),
+            media_timeout=settings.media_timeout or None,
+        )
+    return RtpRelay(
+        bind_host=settings.bind_host,
+        advertise_host=settings.advertise_host,
+        port_range=(settings.port_min, settings.port_max),
+        media_timeout=settings.media_timeout or None,
+    )
 
 
 class Softswitch:
@@ -87,9 +109,12 @@ class Softswitch:
             max_failures=settings.registrar.keepalive_failures,
             user_agent=self.server_header,
         )
+        self.media = create_media_backend(settings.media)
         self.calls = CallControl(
             self.core, self.directory, self.store, self.authenticator, self.bans,
-            self.metrics, None,
+            self.metrics, self.media,
+            no_answer_timeout=settings.calls.no_answer_timeout,
+            session_expires=settings.calls.session_expires,
             dialplan_for=self.dialplan_for, server_header=self.server_header,
             on_call_end=self.record_call,
         )
@@ -159,6 +184,8 @@ class Softswitch:
         )
 
     async def start(self) -> None:
+        if self.media is not None:
+            await self.media.start()
         for report in self.ledger.open():
             log.warning("cdr.recovered", report=str(report))
         tls_context = None
@@ -206,6 +233,8 @@ class Softswitch:
                 await task
         await self.calls.close()
         await self.core.close()
+        if self.media is not None:
+            await self.media.close()
         await self.ledger.close()
         await self.store.close()
         log.info("switch.stopped")

@@ -263,6 +263,48 @@ class Auth(_Model):
         return algorithms
 
 
+class Media(_Model):
+    """How call media is anchored: the built-in RTP relay, rtpengine, or not at all."""
+
+    backend: Literal["relay", "rtpengine", "none"] = "relay"
+    bind_host: str = "127.0.0.1"  # relay sockets bind here
+    advertise_host: str | None = None  # address written into SDP (default: bind_host)
+    port_min: int = Field(default=20000, ge=1024, le=65534)
+    port_max: int = Field(default=29999, ge=1025, le=65535)
+    media_timeout: int = Field(default=60, ge=0, le=86400)  # 0 = never end silent calls
+    rtpengine: str = "127.0.0.1:2223"  # ng control address, host:port
+
+    @field_validator("bind_host")
+    @classmethod
+    def _check_bind(cls, host: str) -> str:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("must be an IPv4 or IPv6 address") from None
+        return host
+
+    @field_validator("rtpengine")
+    @classmethod
+    def _check_ng(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Media:
+        if self.port_max - self.port_min < 3:
+            raise ValueError("port_max must be at least port_min + 3 (two RTP/RTCP pairs)")
+        return self
+
+
+class Calls(_Model):
+    """Call control timers."""
+
+    no_answer_timeout: int = Field(default=60, ge=5, le=600)  # ringing before 480
+    session_expires: int = Field(default=1800, ge=90, le=86400)  # refresh every half of it
+
+
 class Store(_Model):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -501,6 +543,8 @@ class Settings(_Model):
     registrar: Registrar = Field(default_factory=Registrar)
     auth: Auth = Field(default_factory=Auth)
     store: Store = Field(default_factory=Store)
+    media: Media = Field(default_factory=Media)
+    calls: Calls = Field(default_factory=Calls)
     logging: Logging = Field(default_factory=Logging)
     cdr: Cdr = Field(default_factory=Cdr)
     dialplan: DialPlanSection = Field(default_factory=DialPlanSection)
