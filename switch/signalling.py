@@ -152,7 +152,7 @@ class SignallingCore:
                  answered=answered)
         if answered:
             response = make_response(
-                error.headers, error.status, error.reason,
+                error.headers, error.status, error.reason, to_tag=secrets.token_hex(6),
                 headers=[("Server", self.server_header)],
             )
             self._send(response, flow)
