@@ -53,6 +53,7 @@ __all__ = [
     "Store",
     "Switch",
     "Tls",
+    "TrunkSettings",
     "load_settings",
     "load_settings_text",
 ]
@@ -530,6 +531,205 @@ class Account(_Model):
         return self.name or self.id
 
 
+_TRUNK_TARGET = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/([0-9]{1,15})$")
+
+
+def _host_name(value: str) -> str:
+    """A host name or an IP literal (brackets allowed), normalised; ValueError if neither."""
+    text = value.strip().lower()
+    literal = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(literal))
+    except ValueError:
+        pass
+    if not _DOMAIN.match(text):
+        raise ValueError("must be a host name or an IP address")
+    return text
+
+
+class TrunkSettings(_Model):
+    """One SIP trunk (switch/trunks.py): a ``provider`` the switch authenticates to with
+    digest (and may register to), or a ``peer`` trusted by source address."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    id: str
+    kind: Literal["provider", "peer"] = "provider"
+    host: str
+    port: int | None = Field(default=None, ge=1, le=65535)
+    transport: Literal["udp", "tcp", "tls"] | None = None
+    username: str | None = Field(default=None, min_length=1, max_length=128)
+    password: SecretStr | None = None
+    realm: str | None = Field(default=None, min_length=1, max_length=253)
+    # YAML key ``register`` (the attribute name would shadow pydantic's BaseModel.register)
+    register_to_provider: bool = Field(default=False, alias="register")
+    register_expires: int = Field(default=3600, ge=60, le=86400)
+    from_domain: str | None = None
+    addresses: list[str] = Field(default_factory=list, max_length=256)
+    dids: dict[str, str] = Field(default_factory=dict)
+    accounts: list[str] = Field(default_factory=list)
+    number_format: Literal["e164", "e164_without_plus", "national"] = "e164"
+    trust_identity: bool = True
+
+    @field_validator("id", "username", "password", "realm", mode="before")
+    @classmethod
+    def _quoted_text(cls, value: Any) -> Any:
+        return _require_text(value, str(value))
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not _ACCOUNT_ID.match(value):
+            raise ValueError(
+                "must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
+                " (at most 64)"
+            )
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return _host_name(value)
+
+    @field_validator("from_domain")
+    @classmethod
+    def _check_from_domain(cls, value: str | None) -> str | None:
+        return None if value is None else _host_name(value)
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str | None) -> str | None:
+        if value is not None and not _SIP_USER.match(value):
+            raise ValueError("must be letters, digits and . _ ~ ! $ & ' ( ) * + , ; = -")
+        return value
+
+    @field_validator("realm")
+    @classmethod
+    def _check_realm(cls, value: str | None) -> str | None:
+        if value is not None and ('"' in value or "\\" in value or value != value.strip()):
+            raise ValueError("must not contain quotes, backslashes or surrounding spaces")
+        return value
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        problems = _Problems()
+        networks: list[str] = []
+        for index, text in enumerate(value):
+            try:
+                network = str(ipaddress.ip_network(str(text).strip(), strict=True))
+            except ValueError as exc:
+                problems.add((index,), f"must be an IP address or network ({exc})")
+                continue
+            if network in networks:
+                problems.add((index,), f"duplicate network {network}")
+            networks.append(network)
+        problems.raise_if_any()
+        return networks
+
+    @field_validator("dids")
+    @classmethod
+    def _check_dids(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = _Problems()
+        dids: dict[str, str] = {}
+        for key, target in value.items():
+            try:
+                number = _e164(str(key))
+            except ValueError as exc:
+                hint = "" if str(key).startswith("+") else f' (quote it: "+{key}")'
+                problems.add((key,), f"{exc}{hint}")
+                continue
+            if not isinstance(target, str) or not _TRUNK_TARGET.match(target):
+                problems.add((key,), 'must be "account/extension", e.g. "demo/1000"')
+                continue
+            if number in dids:
+                problems.add((key,), f"duplicate number {number}")
+            dids[number] = target
+        problems.raise_if_any()
+        return dids
+
+    @field_validator("accounts")
+    @classmethod
+    def _check_accounts(cls, value: list[str]) -> list[str]:
+        problems = _Problems()
+        for index, account_id in enumerate(value):
+            if not _ACCOUNT_ID.match(account_id):
+                problems.add((index,), "is not an account id")
+            elif account_id in value[:index]:
+                problems.add((index,), f"duplicate account {account_id!r}")
+        problems.raise_if_any()
+        return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> TrunkSettings:
+        problems = _Problems()
+        if self.kind == "provider":
+            for name in ("username", "password"):
+                if getattr(self, name) is None:
+                    problems.add(
+                        (name,),
+                        "is required for a provider (use kind: peer for a trunk trusted by"
+                        " address)",
+                    )
+        else:
+            if self.register_to_provider:
+                problems.add(("register",), "only a provider can be registered to")
+            if not self.addresses:
+                problems.add(("addresses",), "a peer needs at least one source address")
+            if (self.username is None) != (self.password is None):
+                missing = "password" if self.password is None else "username"
+                problems.add((missing,), "username and password go together")
+        problems.raise_if_any()
+        return self
+
+
+def _trunk_problems(data: dict[str, Any]) -> list[tuple[Path_, str]]:
+    """Trunk ids are unique; DIDs and ``accounts`` name configured accounts/extensions."""
+    extensions: dict[str, set[str]] = {}
+    for raw_account in _sequence(data.get("accounts")):
+        account = _mapping(raw_account)
+        account_id = account.get("id")
+        if isinstance(account_id, str):
+            extensions.setdefault(account_id, set()).update(
+                device.get("extension")
+                for device in map(_mapping, _sequence(account.get("devices")))
+                if isinstance(device.get("extension"), str)
+            )
+    problems: list[tuple[Path_, str]] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(_sequence(data.get("trunks"))):
+        trunk = _mapping(raw)
+        trunk_id = trunk.get("id")
+        if isinstance(trunk_id, str):
+            if trunk_id in seen:
+                problems.append(
+                    (
+                        ("trunks", index, "id"),
+                        f"duplicate trunk id {trunk_id!r} (already used by trunks[{seen[trunk_id]}])",
+                    )
+                )
+            else:
+                seen[trunk_id] = index
+        for key, target in _mapping(trunk.get("dids")).items():
+            match = _TRUNK_TARGET.match(target) if isinstance(target, str) else None
+            if match is None:
+                continue
+            account_id, extension = match.groups()
+            if account_id not in extensions:
+                message = f"unknown account {account_id!r}"
+            elif extension not in extensions[account_id]:
+                message = f"account {account_id!r} has no extension {extension!r}"
+            else:
+                continue
+            problems.append((("trunks", index, "dids", key), message))
+        for a_index, account_id in enumerate(_sequence(trunk.get("accounts"))):
+            if isinstance(account_id, str) and account_id not in extensions:
+                problems.append(
+                    (("trunks", index, "accounts", a_index), f"unknown account {account_id!r}")
+                )
+    return problems
+
+
 class Settings(_Model):
     switch: Switch = Field(default_factory=Switch)
     listen: list[Listen] = Field(
@@ -549,6 +749,7 @@ class Settings(_Model):
     cdr: Cdr = Field(default_factory=Cdr)
     dialplan: DialPlanSection = Field(default_factory=DialPlanSection)
     accounts: list[Account] = Field(default_factory=list)
+    trunks: list[TrunkSettings] = Field(default_factory=list, max_length=100)
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Settings:
@@ -735,6 +936,7 @@ def _cross_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Path_, s
                 else:
                     numbers[did] = f"{where}.did"
     problems.extend(_dialplan_problems(data))
+    problems.extend(_trunk_problems(data))
     return problems
 
 
