@@ -33,6 +33,7 @@ from .registrar import Registrar
 from .settings import Media as MediaSettings
 from .settings import Settings
 from .signalling import SignallingCore
+from .trunks import TrunkRegistry
 
 log = structlog.get_logger("switch.app")
 
@@ -110,11 +111,15 @@ class Softswitch:
             user_agent=self.server_header,
         )
         self.media = create_media_backend(settings.media)
+        self.trunks = TrunkRegistry.from_settings(settings, self.core)
         self.calls = CallControl(
             self.core, self.directory, self.store, self.authenticator, self.bans,
             self.metrics, self.media,
             no_answer_timeout=settings.calls.no_answer_timeout,
             session_expires=settings.calls.session_expires,
+            trunks=self.trunks,
+            accounts={account.id: account for account in settings.accounts},
+            country=settings.dialplan.country,
             dialplan_for=self.dialplan_for, server_header=self.server_header,
             on_call_end=self.record_call,
         )
@@ -141,15 +146,16 @@ class Softswitch:
             }
         record = CallRecord.for_call(
             call_id=call.call_id,
-            account=call.caller.account_id,
-            device=call.caller.extension,
-            caller=call.caller.did or call.caller.extension,
+            account=call.account_id,
+            device=(call.caller or call.callee).extension if (call.caller or call.callee) else "",
+            caller=(
+                (call.caller.did or call.caller.extension) if call.caller
+                else (call.caller_number or "anonymous")
+            ),
             callee_dialled=call.callee_dialled,
             callee_e164=getattr(destination, "e164", None),
-            classification=(
-                str(destination.kind).lower() if destination is not None else "invalid"
-            ),
-            trunk=None,
+            classification=call.classification,
+            trunk=getattr(call.trunk, "id", None),
             start=call.started_at,
             answer=call.answered_at,
             end=call.ended_at or call.started_at,
@@ -200,6 +206,7 @@ class Softswitch:
             )
             self.listening.append((entry.transport, host, port))
         self._background.append(asyncio.create_task(self._sweep_expired()))
+        self.trunks.start()
         self.keepalive.listeners = self.listening
         self._background.append(asyncio.create_task(self.keepalive.run()))
         log.info(
@@ -232,6 +239,7 @@ class Softswitch:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.calls.close()
+        await self.trunks.stop()
         await self.core.close()
         if self.media is not None:
             await self.media.close()

@@ -35,10 +35,12 @@ from sip.uri import SipUri, TelUri
 from .auth import AuthOutcome, DigestAuthenticator, FailureBan
 from .dialplan import DestinationKind, DialPlan
 from .directory import Device, DeviceDirectory
+from .identity import identity_for_request, inbound_identity
 from .location import BindingStore
 from .metrics import SwitchMetrics
 from .registrar import contact_flow
 from .signalling import RequestTimeout, SignallingCore
+from .trunks import TrunkRegistry, answer_challenge, from_header, request_uri_for
 
 log = structlog.get_logger("switch.calls")
 
@@ -68,6 +70,7 @@ class Fork:
     final: int | None = None
     dialog: Dialog | None = None
     prack_seq: int = 1
+    trunk: object | None = None  # the trunk this fork goes to (answers its challenges)
 
 
 @dataclass(slots=True)
@@ -89,7 +92,8 @@ class Call:
     a_transaction: ServerTransaction
     a_flow: Flow
     a_tag: str  # our To tag towards the caller
-    caller: Device
+    caller: Device | None  # None for a call from a trunk
+    account_id: str
     callee_dialled: str
     started_at: float
     state: CallState = CallState.ROUTING
@@ -111,6 +115,9 @@ class Call:
     ringing_timer: asyncio.TimerHandle | None = None
     failures: list[SipResponse] = field(default_factory=list)
     transferred: bool = False
+    trunk: object | None = None
+    caller_number: str | None = None  # inbound: who called, as the trunk said
+    classification: str = "invalid"
     destination: object | None = None  # the dial plan's Destination
 
     @property
@@ -141,6 +148,9 @@ class CallControl:
         server_header: str,
         no_answer_timeout: float = 60.0,
         session_expires: float = 1800.0,
+        trunks: TrunkRegistry | None = None,
+        accounts: dict | None = None,
+        country: str = "FR",
         on_call_end: Callable[[CallEnd], object] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -155,6 +165,9 @@ class CallControl:
         self.server_header = server_header
         self.no_answer_timeout = no_answer_timeout
         self.session_expires = session_expires
+        self.trunks = trunks
+        self.accounts = accounts or {}
+        self.country = country
         self.on_call_end = on_call_end
         self.wall_clock = wall_clock
         self.calls: dict[str, Call] = {}
@@ -214,6 +227,10 @@ class CallControl:
         flow = transaction.flow
         source_ip = flow.remote[0]
         structlog.contextvars.bind_contextvars(call_id=request.call_id)
+        trunk = self.trunks.identify_inbound(flow) if self.trunks is not None else None
+        if trunk is not None:
+            await self._new_inbound_call(request, transaction, trunk, now)
+            return
         if self.bans.is_banned(source_ip, now):
             self._respond(transaction, request, 403,
                           "Too many failed authentications from this address",
@@ -244,114 +261,202 @@ class CallControl:
             self._respond(transaction, request, 403, "Unknown device", to_tag=new_tag())
             return
         self.bans.record_success(source_ip, auth.username)
-
-        call = Call(
-            call_id=request.call_id, a_request=request, a_transaction=transaction,
-            a_flow=flow, a_tag=new_tag(), caller=caller,
-            callee_dialled=_dialled(request), started_at=now,
-        )
-        if request.call_id in self.calls:
-            self._respond(transaction, request, 482, "Loop Detected", to_tag=call.a_tag)
+        call = self._open_call(request, transaction, now, caller=caller,
+                               account_id=caller.account_id)
+        if call is None:
             return
-        self.calls[call.call_id] = call
-        self.metrics.calls_attempted.inc()
-        self.metrics.calls_active.inc()
-        self._respond(call, request, 100)
         try:
             await self._route(call)
         except Exception:
             log.exception("calls.routing_failed")
             await self._fail(call, 500, "Internal error while routing the call", "failed")
 
-    async def _route(self, call: Call) -> None:
-        destination = self.dialplan_for(call.caller.account_id).classify(
-            call.a_request.request_uri
+    def _open_call(self, request: SipRequest, transaction: ServerTransaction, now: float, *,
+                   caller: Device | None, account_id: str) -> Call | None:
+        a_tag = new_tag()
+        if request.call_id in self.calls:
+            self._respond(transaction, request, 482, "Loop Detected", to_tag=a_tag)
+            return None
+        call = Call(
+            call_id=request.call_id, a_request=request, a_transaction=transaction,
+            a_flow=transaction.flow, a_tag=a_tag, caller=caller, account_id=account_id,
+            callee_dialled=_dialled(request), started_at=now,
         )
+        self.calls[call.call_id] = call
+        self.metrics.calls_attempted.inc()
+        self.metrics.calls_active.inc()
+        self._respond(call, request, 100)
+        return call
+
+    async def _new_inbound_call(self, request: SipRequest, transaction: ServerTransaction,
+                                trunk, now: float) -> None:
+        """A call from a trunk: the called number (a DID) picks the device to ring."""
+        target = self.trunks.did_target(trunk, request.request_uri)
+        if target is None:
+            target = self.trunks.did_target(trunk, request.to.uri)
+        if target is None:
+            self._respond(transaction, request, 404, "Number not assigned", to_tag=new_tag())
+            return
+        account_id, extension = target
+        callee = self.directory.device_by_extension(account_id, extension)
+        if callee is None:
+            self._respond(transaction, request, 404, "Number not assigned", to_tag=new_tag())
+            return
+        call = self._open_call(request, transaction, now, caller=None, account_id=account_id)
+        if call is None:
+            return
+        call.trunk = trunk
+        identity = inbound_identity(request, trusted=trunk.trust_identity,
+                                    country=self.country, source=transaction.flow.remote[0])
+        call.caller_number = identity.caller_number
+        call.callee = callee
+        call.classification = "external"
+        display = identity.display_name if not identity.anonymous else "Anonymous"
+        number = identity.caller_number if not identity.anonymous else "anonymous"
+        from_value = _name_addr(display, f"sip:{number or 'unknown'}@{self.directory.realm}")
+        try:
+            await self._ring_device(call, callee, from_value, identity.headers_for_device())
+        except Exception:
+            log.exception("calls.routing_failed")
+            await self._fail(call, 500, "Internal error while routing the call", "failed")
+
+    async def _route(self, call: Call) -> None:
+        caller = call.caller
+        destination = self.dialplan_for(caller.account_id).classify(call.a_request.request_uri)
         call.destination = destination
+        call.classification = str(destination.kind).lower()
         kind = destination.kind
         if kind is DestinationKind.INTERNAL:
-            callee = self.directory.device_by_extension(
-                call.caller.account_id, destination.extension or ""
-            )
+            callee = self.directory.device_by_extension(caller.account_id,
+                                                        destination.extension or "")
             if callee is None:
-                await self._fail(call, 404, "No such extension", "failed")
+                await self._fail(call, 404, "No such extension", "not_found")
                 return
             call.callee = callee
-            bindings = await self.store.lookup(self.directory.aor(callee.username),
-                                               self.wall_clock())
-            if not bindings:
-                await self._fail(call, 480, "Callee is not registered", "unavailable")
-                return
-        elif kind is DestinationKind.EMERGENCY:
-            # The emergency issue adds the route; until then say plainly why it fails.
-            await self._fail(call, 503, "No emergency route configured", "failed")
-            return
-        elif kind is DestinationKind.EXTERNAL:
-            await self._fail(call, 503, "No trunk configured for external calls", "failed")
-            return
+            from_value = _name_addr(caller.display_name,
+                                    f"sip:{caller.extension}@{self.directory.realm}")
+            await self._ring_device(call, callee, from_value, [])
+        elif kind in (DestinationKind.EXTERNAL, DestinationKind.EMERGENCY):
+            # Emergency calls take the trunk too; the emergency issue adds its own routes,
+            # location and callback data on top of this hand-off point.
+            await self._call_out(call, destination)
         else:
-            await self._fail(call, 404, destination.reason or "Invalid number", "failed")
+            await self._fail(call, 404, destination.reason or "Invalid number", "not_found")
+
+    async def _ring_device(self, call: Call, callee: Device, from_value: str,
+                           extra: list[tuple[str, str]]) -> None:
+        """Fork to every registered contact of a device, in parallel."""
+        bindings = await self.store.lookup(self.directory.aor(callee.username),
+                                           self.wall_clock())
+        if not bindings:
+            await self._fail(call, 480, "Callee is not registered", "unavailable")
             return
+        body = await self._offer_media(call)
+        if body is None:
+            return
+        to_value = f"<sip:{callee.extension}@{self.directory.realm}>"
+        for binding in bindings:
+            flow = contact_flow(binding)
+            request = self._leg_invite(call, binding.contact, flow, body, from_value, to_value,
+                                       extra)
+            call.forks.append(Fork(request, flow))
+        self._start_forks(call)
+
+    async def _call_out(self, call: Call, destination) -> None:
+        """Send the call to the public network through a trunk."""
+        trunk = self.trunks.for_outbound(call.account_id, destination) if self.trunks else None
+        if trunk is None:
+            await self._fail(call, 503, "No trunk available for this destination", "failed")
+            return
+        call.trunk = trunk
+        flow = await self.trunks.flow_for(trunk)
+        if flow is None:
+            await self._fail(call, 503, f"Trunk {trunk.id} is unreachable", "failed")
+            return
+        try:
+            ruri = request_uri_for(trunk, destination)
+        except ValueError as exc:
+            await self._fail(call, 404, str(exc), "not_found")
+            return
+        caller = call.caller
+        identity = identity_for_request(
+            call.a_request, caller, self.accounts.get(caller.account_id),
+            domain=trunk.domain, country=self.country,
+        )
+        body = await self._offer_media(call)
+        if body is None:
+            return
+        from_value = from_header(trunk, identity.identity)
+        extra = list(identity.as_headers())
+        request = self._leg_invite(call, ruri, flow, body, from_value, f"<{ruri}>", extra)
+        call.forks.append(Fork(request, flow, trunk=trunk))
+        self._start_forks(call)
+
+    async def _offer_media(self, call: Call) -> bytes | None:
+        """The caller's SDP rewritten for the callee side (None: the call was failed)."""
+        body = call.a_request.body
         if call.cancelled:
             await self._fail(call, 487, None, "cancelled")
-            return
-
-        body = call.a_request.body
+            return None
         if body and self.media is not None:
             try:
                 body = await self.media.offer(call.call_id, call.caller_tag, body)
                 call.media = True
             except MediaError as exc:
                 await self._fail(call, exc.status, exc.reason, "failed")
-                return
+                return None
         if call.cancelled:
             await self._fail(call, 487, None, "cancelled")
-            return
-        call.b_call_id = new_call_id(self.directory.realm)
-        call.b_tag = new_tag()
+            return None
+        return body
+
+    def _start_forks(self, call: Call) -> None:
         self.dialogs[(call.call_id, call.a_tag)] = (call, "a")
         self.dialogs[(call.b_call_id, call.b_tag)] = (call, "b")
         call.state = CallState.EARLY
-        for binding in bindings:
-            fork = Fork(self._fork_request(call, binding.contact,
-                                           contact_flow(binding), body),
-                        contact_flow(binding))
-            call.forks.append(fork)
         for fork in call.forks:
-            fork.transaction = self.core.start_request(
-                fork.request, fork.flow, lambda r, f=fork: self._fork_response(call, f, r)
-            )
+            self._send_fork(call, fork)
         call.ringing_timer = asyncio.get_running_loop().call_later(
             self.no_answer_timeout, self._no_answer, call
         )
 
-    def _fork_request(self, call: Call, contact: str, flow: Flow, body: bytes) -> SipRequest:
-        mf = call.a_request.max_forwards
-        return self._leg_invite(call.caller, call.callee, contact, flow, body, call.b_call_id,
-                                call.b_tag, max(0, (mf if mf is not None else 70) - 1))
+    def _send_fork(self, call: Call, fork: Fork) -> None:
+        fork.transaction = self.core.start_request(
+            fork.request, fork.flow, lambda r, f=fork: self._fork_response(call, f, r)
+        )
 
-    def _leg_invite(self, caller: Device, callee: Device, contact: str, flow: Flow,
-                    body: bytes, call_id: str, tag: str, max_forwards: int) -> SipRequest:
-        """The INVITE of a new outgoing leg to one contact of a device."""
-        realm = self.directory.realm
-        display = f'"{caller.display_name}" ' if caller.display_name else ""
+    def _leg_invite(self, call: Call, ruri: str, flow: Flow, body: bytes, from_value: str,
+                    to_value: str, extra: list[tuple[str, str]]) -> SipRequest:
+        """The INVITE of the callee's leg to one target."""
+        if not call.b_call_id:
+            call.b_call_id = new_call_id(self.directory.realm)
+            call.b_tag = new_tag()
+        mf = call.a_request.max_forwards
+        max_forwards = max(0, (mf if mf is not None else 70) - 1)
+        return self._invite(ruri, flow, body, from_value, to_value, extra, call.b_call_id,
+                            call.b_tag, max_forwards)
+
+    def _invite(self, ruri: str, flow: Flow, body: bytes, from_value: str, to_value: str,
+                extra: list[tuple[str, str]], call_id: str, tag: str,
+                max_forwards: int = 70) -> SipRequest:
         headers = [
             ("Via", f"SIP/2.0/{flow.transport.upper()} {self._sent_by(flow)};"
                     f"branch={new_branch()};rport"),
             ("Max-Forwards", str(max_forwards)),
-            ("From", f"{display}<sip:{caller.extension}@{realm}>;tag={tag}"),
-            ("To", f"<sip:{callee.extension}@{realm}>"),
+            ("From", f"{from_value};tag={tag}"),
+            ("To", to_value),
             ("Call-ID", call_id),
             ("CSeq", "1 INVITE"),
-            ("Contact", self._contact(flow, caller.extension)),
+            ("Contact", self._contact(flow)),
             ("Allow", ALLOW),
             ("Supported", "timer"),
             ("Session-Expires", f"{int(self.session_expires)};refresher=uac"),
             ("User-Agent", self.server_header),
+            *extra,
         ]
         if body:
             headers.append(("Content-Type", "application/sdp"))
-        return SipRequest("INVITE", contact, headers, body)
+        return SipRequest("INVITE", ruri, headers, body)
 
     # -- responses from the callee's contacts --------------------------------------------
     def _fork_response(self, call: Call, fork: Fork, response: SipResponse | None) -> None:
@@ -383,6 +488,12 @@ class CallControl:
             call.winner = fork
             self._spawn(self._answered(call, fork, response))
             return
+        if status in (401, 407) and fork.trunk is not None and not call.cancelled:
+            retry = answer_challenge(fork.trunk, fork.request, response)
+            if retry is not None:
+                fork.request = retry
+                self._send_fork(call, fork)
+                return
         fork.final = status
         call.failures.append(response)
         if call.winner is None and all(f.final is not None for f in call.forks):
@@ -462,7 +573,8 @@ class CallControl:
                                          headers=extra, body=body)
         self.core.respond(call.a_transaction, call.ok_response)
         self.metrics.calls_answered.inc()
-        log.info("call.answered", call_id=call.call_id, caller=call.caller.extension,
+        log.info("call.answered", call_id=call.call_id,
+                 caller=call.caller.extension if call.caller else call.caller_number,
                  callee=call.callee.extension if call.callee else None)
         self._spawn(self._retransmit_ok(call))
         call.refresh_task = asyncio.get_running_loop().create_task(self._refresh_session(call))
@@ -705,8 +817,12 @@ class CallControl:
         forks: list[Fork] = []
         for binding in bindings:
             flow = contact_flow(binding)
-            request = self._leg_invite(kept_device, new_callee, binding.contact, flow, body,
-                                       t_call_id, t_tag, 70)
+            request = self._invite(
+                binding.contact, flow, body,
+                _name_addr(kept_device.display_name,
+                           f"sip:{kept_device.extension}@{self.directory.realm}"),
+                f"<sip:{new_callee.extension}@{self.directory.realm}>", [], t_call_id, t_tag,
+            )
             forks.append(Fork(request, flow))
 
         def on_response(fork: Fork, response: SipResponse | None) -> None:
@@ -876,7 +992,7 @@ class CallControl:
                 stats = result.as_dict() if result is not None else None
             except Exception as exc:
                 log.warning("calls.media_delete_failed", error=str(exc))
-        log.info("call.ended", call_id=call.call_id, account=call.caller.account_id,
+        log.info("call.ended", call_id=call.call_id, account=call.account_id,
                  cause=cause, hangup_by=by, status=call.final_status)
         if self.on_call_end is not None:
             try:
@@ -897,6 +1013,13 @@ class CallControl:
 
 
 _OTHER = {"a": "b", "b": "a"}
+
+
+def _name_addr(display: str | None, uri: str) -> str:
+    if display:
+        escaped = display.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}" <{uri}>'
+    return f"<{uri}>"
 
 
 def _dialled(request: SipRequest) -> str:
