@@ -518,7 +518,7 @@ class RtpRelay(MediaBackend):
         self._present_origin(session, answering, rewritten)
         self._ensure_checker()
         if created:
-            log.info("media session created call_id=%s streams=%d", call_id, len(fresh))
+            log.debug("media session created call_id=%s streams=%d", call_id, len(fresh))
         return rewritten.serialize()
 
     async def answer(self, call_id: str, from_tag: str, to_tag: str, sdp: bytes) -> bytes:
@@ -576,7 +576,7 @@ class RtpRelay(MediaBackend):
             self._retire(session, index)
         await self._settle(session.retired)
         stats = self._stats(session)
-        log.info(
+        log.debug(
             "media session deleted call_id=%s a_to_b=%d b_to_a=%d packets",
             call_id,
             stats.a_to_b.packets,
