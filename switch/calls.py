@@ -115,6 +115,8 @@ class Call:
     ringing_timer: asyncio.TimerHandle | None = None
     failures: list[SipResponse] = field(default_factory=list)
     transferred: bool = False
+    b_ack_pending: bool = False  # late offer: the callee's ACK waits for the caller's
+    b_ack_body: bytes = b""
     trunk: object | None = None
     caller_number: str | None = None  # inbound: who called, as the trunk said
     classification: str = "invalid"
@@ -473,9 +475,10 @@ class CallControl:
             return
         if 200 <= status < 300:
             if fork.final is not None and fork.final < 300:
-                # a 2xx retransmission: our ACK was lost, send it again
-                if fork.dialog is not None:
-                    self._send_ack(fork)
+                # a 2xx retransmission: our ACK was lost, send it again (unless the ACK
+                # waits for the caller's answer to a late offer)
+                if fork.dialog is not None and not call.b_ack_pending:
+                    self._send_ack(fork, call.b_ack_body)
                 return
             fork.final = status
             fork.remote_tag = response.to.tag
@@ -536,20 +539,29 @@ class CallControl:
             if other is not fork and other.final is None:
                 self._cancel_fork(other)
         body = response.body
-        if body and self.media is not None and call.media:
-            try:
+        # Late offer: the caller's INVITE had no SDP, so the callee's 2xx carries the
+        # offer; the caller's ACK will carry the answer, which the callee's ACK awaits.
+        late_offer = not call.a_request.body and bool(body)
+        try:
+            if late_offer and self.media is not None:
+                body = await self.media.offer(call.call_id, fork.remote_tag or "", body)
+                call.media = True
+            elif body and self.media is not None and call.media:
                 body = await self.media.answer(call.call_id, call.caller_tag,
                                                fork.remote_tag or "", body)
-            except MediaError as exc:
-                self._send_ack(fork)
-                self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
-                await self._fail(call, exc.status, exc.reason, "failed")
-                return
+        except MediaError as exc:
+            self._send_ack(fork)
+            self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
+            await self._fail(call, exc.status, exc.reason, "failed")
+            return
         if call.cancelled or call.state is CallState.ENDED:
             self._send_ack(fork)
             self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
             return
-        self._send_ack(fork)
+        if late_offer:
+            call.b_ack_pending = True
+        else:
+            self._send_ack(fork)
         call.state = CallState.ANSWERED
         call.answered_at = self.wall_clock()
         call.final_status = 200
@@ -595,12 +607,13 @@ class CallControl:
                 self.core.send_stateless(call.ok_response, call.a_flow)
             interval = min(interval * 2, 4.0)
 
-    def _send_ack(self, fork: Fork) -> None:
+    def _send_ack(self, fork: Fork, body: bytes = b"") -> None:
         if fork.dialog is None:
             return
         ack = fork.dialog.create_request(
             "ACK", self._sent_by(fork.flow), transport=fork.flow.transport.upper(),
             cseq=fork.request.cseq.seq,
+            extra_headers=[("Content-Type", "application/sdp")] if body else None, body=body,
         )
         self.core.send_stateless(ack, fork.flow)
 
@@ -673,7 +686,24 @@ class CallControl:
         call, side = entry
         if side == "a" and call.state is CallState.ANSWERED:
             call.state = CallState.CONFIRMED
-            log.debug("call.confirmed")
+            log.debug("call.confirmed", call_id=call.call_id)
+            if call.b_ack_pending:
+                self._spawn(self._complete_late_offer(call, ack.body))
+
+    async def _complete_late_offer(self, call: Call, answer: bytes) -> None:
+        """Send the callee the ACK with the caller's answer to its offer."""
+        fork = call.winner
+        body = answer
+        if answer and call.media and self.media is not None:
+            try:
+                body = await self.media.answer(call.call_id, fork.remote_tag or "",
+                                               call.caller_tag, answer)
+            except MediaError as exc:
+                log.info("call.late_answer_refused", call_id=call.call_id, error=str(exc))
+        call.legs["a"].sdp = answer
+        call.b_ack_body = body
+        call.b_ack_pending = False
+        self._send_ack(fork, body)
 
     # -- in-dialog requests --------------------------------------------------------------------
     def on_in_dialog(self, request: SipRequest, transaction: ServerTransaction) -> None:
