@@ -133,8 +133,10 @@ def build_config(
     algorithms: Iterable[str] = ("MD5", "SHA-256"),
     tls_files: tuple[Path, Path] | None = None,
     log_level: str = "info",
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """The YAML text of a switch configuration for a test."""
+    """The YAML text of a switch configuration for a test. ``sections`` adds top-level
+    sections as they are (e.g. ``{"media": {"port_min": 42000}, "calls": {...}}``)."""
     registrar_values = {
         "min_expires": 2,
         "max_expires": 7200,
@@ -191,6 +193,8 @@ def build_config(
         )
     if not devices:
         lines[-1] = "    devices: []"
+    for name, values in (sections or {}).items():
+        lines.append(f"{name}: {json.dumps(values)}")  # JSON is YAML flow style
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +328,7 @@ def prepare_switch(
     algorithms: Iterable[str] = ("MD5", "SHA-256"),
     log_level: str = "info",
     domains: Iterable[str] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> SwitchProcess:
     """Writes the configuration (free ports, optional ::1 and TLS) into ``workdir`` and
     returns the not yet started process object."""
@@ -352,6 +357,7 @@ def prepare_switch(
             algorithms=algorithms,
             tls_files=tls_files,
             log_level=log_level,
+            sections=sections,
         ),
         encoding="utf-8",
     )
