@@ -222,7 +222,18 @@ class CallControl:
 
     # -- new calls ---------------------------------------------------------------------
     def on_invite(self, request: SipRequest, transaction: ServerTransaction) -> None:
-        self._spawn(self._new_call(request, transaction))
+        self._spawn(self._new_call_or_500(request, transaction))
+
+    async def _new_call_or_500(self, request: SipRequest,
+                               transaction: ServerTransaction) -> None:
+        """A failure before the call exists answers 500 instead of leaving the caller
+        with a 100 Trying and silence."""
+        try:
+            await self._new_call(request, transaction)
+        except Exception:
+            log.exception("calls.new_call_failed")
+            if request.call_id not in self.calls:
+                self._respond(transaction, request, 500, "Internal error", to_tag=new_tag())
 
     async def _new_call(self, request: SipRequest, transaction: ServerTransaction) -> None:
         now = self.wall_clock()
@@ -293,9 +304,9 @@ class CallControl:
     async def _new_inbound_call(self, request: SipRequest, transaction: ServerTransaction,
                                 trunk, now: float) -> None:
         """A call from a trunk: the called number (a DID) picks the device to ring."""
-        target = self.trunks.did_target(trunk, request.request_uri)
+        target = self.trunks.did_target(trunk, _uri_number(request.request_uri))
         if target is None:
-            target = self.trunks.did_target(trunk, request.to.uri)
+            target = self.trunks.did_target(trunk, _uri_number(request.to.uri))
         if target is None:
             self._respond(transaction, request, 404, "Number not assigned", to_tag=new_tag())
             return
@@ -719,8 +730,7 @@ class CallControl:
             self._respond(transaction, request, 500, "CSeq out of order")
             return
         if request.method == "BYE":
-            self._respond(transaction, request, 200)
-            self._hangup(call, "caller" if side == "a" else "callee", "normal", skip=side)
+            self._spawn(self._answer_bye(call, side, request, transaction))
             return
         if request.method == "REFER":
             self._spawn(self._transfer(call, side, request, transaction))
@@ -967,6 +977,21 @@ class CallControl:
                                         body=body)
         self.core.start_request(request, flow, lambda r: None)
 
+    async def _answer_bye(self, call: Call, side: str, bye: SipRequest,
+                          transaction: ServerTransaction) -> None:
+        """A party hung up: BYE to the other leg, the call's record, then the 200. The
+        200 waits for the CDR to be on disk, so a party that got it knows the call's
+        record survives a crash of the switch (kill -9); BYE retransmissions meanwhile
+        are absorbed by the transaction."""
+        try:
+            if call.state is not CallState.ENDED:
+                for other_side, leg in call.legs.items():
+                    if other_side != side:
+                        self._send_in_dialog(leg.dialog, leg.flow, "BYE", None)
+                await self._end(call, "normal", "caller" if side == "a" else "callee")
+        finally:
+            self._respond(transaction, bye, 200)
+
     def _hangup(self, call: Call, by: str, cause: str, *, skip: str | None = None,
                 reason: str | None = None) -> None:
         """End an established call: BYE to each leg that did not hang up itself."""
@@ -1053,7 +1078,11 @@ def _name_addr(display: str | None, uri: str) -> str:
 
 
 def _dialled(request: SipRequest) -> str:
-    uri = request.request_uri
+    return _uri_number(request.request_uri)
+
+
+def _uri_number(uri: object) -> str:
+    """The number (or user) a URI names: the user part of a SIP URI, a tel: number."""
     if isinstance(uri, SipUri):
         return uri.user_unescaped or ""
     if isinstance(uri, TelUri):
