@@ -8,21 +8,22 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
-from .grammar import ALPHANUM, TOKEN_CHARS, GrammarError, unescape
+from .grammar import TOKEN_CHARS, GrammarError, unescape
 
-_SCHEME_CHARS = ALPHANUM | frozenset("+-.")
-_HOSTNAME_CHARS = ALPHANUM | frozenset("-._")
-_URI_FORBIDDEN = frozenset(" \t\r\n<>\"")
+_URI_FORBIDDEN_RE = re.compile(r'[\x00-\x20<>"\x7f]')
+_HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 # Characters that may appear escaped or raw in a URI user/param part; anything
 # printable except the forbidden set is tolerated on input.
 
 
 def _check_uri_chars(text: str) -> None:
-    for ch in text:
-        if ch in _URI_FORBIDDEN or ord(ch) < 0x21:
-            raise GrammarError(f"character {ch!r} not allowed in a URI")
+    bad = _URI_FORBIDDEN_RE.search(text)
+    if bad is not None:
+        raise GrammarError(f"character {bad.group()!r} not allowed in a URI")
 
 
 def parse_host(text: str) -> str:
@@ -45,9 +46,8 @@ def parse_host(text: str) -> str:
                 raise GrammarError(f"invalid IPv6 reference {text!r}") from None
             return "[" + fixed + "]"
         return text
-    for ch in text:
-        if ch not in _HOSTNAME_CHARS:
-            raise GrammarError(f"invalid host {text!r}")
+    if _HOSTNAME.fullmatch(text) is None:
+        raise GrammarError(f"invalid host {text!r}")
     return text
 
 
@@ -223,7 +223,7 @@ def parse_uri(text: str) -> Uri:
     if colon <= 0:
         raise GrammarError(f"not a URI: {text!r}")
     scheme = text[:colon].lower()
-    if not text[0].isalpha() or any(c not in _SCHEME_CHARS for c in scheme):
+    if _SCHEME.fullmatch(scheme) is None:
         raise GrammarError(f"invalid URI scheme {text[:colon]!r}")
     _check_uri_chars(text)
     rest = text[colon + 1 :]
