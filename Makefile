@@ -58,7 +58,7 @@ test: venv debian-deps
 
 bench: venv debian-deps
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
-	$(PY) -m tests.bench
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 check-config: venv
 	$(PY) -m switch check-config $(CONFIG)

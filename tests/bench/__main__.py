@@ -1,0 +1,119 @@
+"""``python -m tests.bench [--quick] [--only register|kamailio|memory|profile]``
+
+Runs the REGISTER benchmarks and writes bench-results/register.{json,md,png}. With
+``--only``, the other sections of an existing register.json are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import register, report
+from .procs import REPO_ROOT, BenchError, machine_description
+
+SCENARIOS = ("register", "kamailio", "memory", "profile")
+FALLBACK_CLEAN_RATE = 1000
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer and shorter steps, 10k bindings: a smoke run")
+    parser.add_argument("--only", action="append", choices=SCENARIOS,
+                        help="run only this scenario (repeatable)")
+    parser.add_argument("--rate", type=int, default=None,
+                        help="clean rate for memory/profile when the ramp is not run")
+    parser.add_argument("--output", default=str(REPO_ROOT / "bench-results"),
+                        help="results folder (default: bench-results/)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for tool in ("sipp",):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (apt-get install sip-tester)", file=sys.stderr)
+            return 2
+    chosen = set(args.only or SCENARIOS)
+    plan = register.Plan.quick() if args.quick else register.Plan.full()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    json_path = output / "register.json"
+    results: dict = {}
+    if args.only and json_path.exists():
+        try:
+            results = json.loads(json_path.read_text())
+        except ValueError:
+            results = {}
+    command = "python -m tests.bench" + (" " + " ".join(argv) if argv else (
+        " " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""))
+    results.update(machine=machine_description(), command=command.strip(),
+                   quick=args.quick, criteria=plan.criteria())
+    started = time.monotonic()
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="softswitch-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            status = _run_scenarios(args, chosen, plan, workdir, results)
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            status = 130
+    results["duration_seconds"] = round(time.monotonic() - started, 1)
+    report.write_json(results, json_path)
+    (output / "register.md").write_text(report.markdown(results))
+    plotted = report.plot(results, output / "register.png")
+    print(f"bench: wrote {json_path}, register.md" + (", register.png" if plotted else
+          " (no plot: matplotlib missing, pip install -e '.[bench]')"), flush=True)
+    return status
+
+
+def _run_scenarios(
+    args: argparse.Namespace, chosen: set[str], plan: register.Plan, workdir: Path,
+    results: dict,
+) -> int:
+    """Run each chosen scenario; one that cannot run records its error and the others
+    still run. Returns the exit status (1 when any scenario failed to run)."""
+    status = 0
+
+    def attempt(key: str, function, *extra) -> None:
+        nonlocal status
+        try:
+            results[key] = function(plan, workdir, *extra)
+        except BenchError as error:
+            print(f"bench: {key}: {error}", file=sys.stderr)
+            results[key] = {"error": str(error)}
+            status = 1
+
+    if "register" in chosen:
+        attempt("switch_register", register.switch_ramp)
+    if "kamailio" in chosen:
+        time.sleep(plan.pause_between_steps_s)
+        attempt("kamailio_register", register.kamailio_ramp)
+    results.pop("switch_to_kamailio_ratio", None)
+    _ratio(results)
+    clean_rate = args.rate or (results.get("switch_register") or {}).get(
+        "highest_clean_rate") or FALLBACK_CLEAN_RATE
+    if "memory" in chosen:
+        time.sleep(plan.pause_between_steps_s)
+        attempt("memory", register.memory_per_binding, clean_rate)
+    if "profile" in chosen:
+        time.sleep(plan.pause_between_steps_s)
+        attempt("profile", register.profile_switch, clean_rate)
+    return status
+
+
+def _ratio(results: dict) -> None:
+    switch = (results.get("switch_register") or {}).get("highest_clean_rate")
+    kamailio = (results.get("kamailio_register") or {}).get("highest_clean_rate")
+    if switch and kamailio:
+        results["switch_to_kamailio_ratio"] = round(switch / kamailio, 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
