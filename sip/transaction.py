@@ -401,6 +401,10 @@ class NonInviteServerTransaction(ServerTransaction):
             self.state = TransactionState.PROCEEDING
             return
         self.state = TransactionState.COMPLETED
+        # Only retransmission absorption is left (Timer J, 32 s over UDP): drop the parsed
+        # header views so thousands of completed transactions hold few objects for the GC.
+        self.request._cache.clear()
+        response._cache.clear()
         delay = self.settings.timer_j(self.reliable)
         if delay <= 0:
             self._terminate(events)

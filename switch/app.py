@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import secrets
 import signal
 import time
@@ -19,6 +20,7 @@ from media.backend import MediaBackend
 from media.relay import RtpRelay
 from media.rtpengine import RtpengineBackend
 from sip.message import SipRequest, SipResponse, make_response
+from sip.timers import TimerSettings
 from sip.transport import Flow, make_server_ssl_context
 
 from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
@@ -59,7 +61,10 @@ def create_media_backend(settings: MediaSettings) -> MediaBackend | None:
 
 
 class Softswitch:
-    def __init__(self, settings: Settings, *, metrics: SwitchMetrics | None = None) -> None:
+    def __init__(self, settings: Settings, *, metrics: SwitchMetrics | None = None,
+                 timers: TimerSettings | None = None) -> None:
+        """`timers`: SIP transaction timers (T1, T2, T4); RFC 3261 defaults when None
+        (tests shorten them so Timer F expires in seconds)."""
         self.settings = settings
         self.metrics = metrics or SwitchMetrics()
         self.directory = DeviceDirectory(settings)
@@ -93,6 +98,7 @@ class Softswitch:
             max_message_size=settings.switch.max_message_size,
             server_header=self.server_header,
             is_local_domain=self._is_local_host,
+            timers=timers,
         )
         self.registrar = Registrar(
             settings.registrar,
@@ -256,6 +262,11 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     await switch.start()
+    # Everything built at start (settings, device directory, dial plans) lives as long as
+    # the process: keep it out of the garbage collector's full passes, whose pauses would
+    # otherwise grow with the configuration and delay SIP responses.
+    gc.collect()
+    gc.freeze()
     try:
         await stop.wait()
     finally:

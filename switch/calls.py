@@ -604,7 +604,7 @@ class CallControl:
 
     async def _retransmit_ok(self, call: Call) -> None:
         """The UAS core retransmits its 2xx until the ACK comes (RFC 3261 §13.3.1.4)."""
-        t1 = self.core.transactions.timers.t1 if hasattr(self.core.transactions, "timers") else 0.5
+        t1 = self.core.transactions.settings.t1
         interval = t1
         deadline = time.monotonic() + 64 * t1
         reliable = call.a_flow.transport != "udp"
@@ -1038,6 +1038,8 @@ class CallControl:
         self.calls.pop(call.call_id, None)
         self.dialogs.pop((call.call_id, call.a_tag), None)
         self.dialogs.pop((call.b_call_id, call.b_tag), None)
+        for leg in call.legs.values():  # a transferred leg has a dialog of its own
+            self.dialogs.pop((leg.dialog.call_id, leg.dialog.local_tag), None)
         self.metrics.calls_active.dec()
         self.metrics.calls_ended.labels(cause).inc()
         stats = None
