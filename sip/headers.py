@@ -67,8 +67,18 @@ SINGLE_HEADERS = frozenset(
 MAX_CSEQ = 2**32 - 1
 
 
+# Spellings seen on almost every message, answered without lower-casing.
+_FAST_CANONICAL = {name: name for name in _CANONICAL}
+_FAST_CANONICAL.update({name.lower(): name for name in _CANONICAL})
+_FAST_CANONICAL.update(COMPACT_FORMS)
+_FAST_CANONICAL.update({k.upper(): v for k, v in COMPACT_FORMS.items()})
+
+
 def canonical_name(name: str) -> str:
     """The canonical spelling of a header name (compact forms expanded)."""
+    fast = _FAST_CANONICAL.get(name)
+    if fast is not None:
+        return fast
     lower = name.lower()
     if len(lower) == 1 and lower in COMPACT_FORMS:
         return COMPACT_FORMS[lower]

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from .grammar import GrammarError
 from .headers import (
+    CANONICAL_NAMES,
     LIST_HEADERS,
     STAR,
     CSeq,
@@ -27,6 +28,8 @@ from .headers import (
     split_list,
 )
 from .uri import Uri, parse_uri
+
+KNOWN_NAMES = frozenset(CANONICAL_NAMES.values())
 
 REASON_PHRASES = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -70,18 +73,29 @@ class SipMessage:
         self._cache: dict[str, object] = {}
 
     # -- raw access -------------------------------------------------------------
+    # Header names are stored canonically (the parser and the mutators canonicalise), so a
+    # known header is found by plain comparison; unknown names compare case-insensitively.
     def header(self, name: str) -> str | None:
         """The first value of a header (compact forms accepted), or None."""
-        name = canonical_name(name).lower()
+        cname = canonical_name(name)
+        if cname in KNOWN_NAMES:
+            for hname, value in self.headers:
+                if hname == cname:
+                    return value
+            return None
+        lower = cname.lower()
         for hname, value in self.headers:
-            if hname.lower() == name:
+            if hname.lower() == lower:
                 return value
         return None
 
     def header_lines(self, name: str) -> list[str]:
         """Every raw value of a header, one per header line, unsplit."""
-        name = canonical_name(name).lower()
-        return [value for hname, value in self.headers if hname.lower() == name]
+        cname = canonical_name(name)
+        if cname in KNOWN_NAMES:
+            return [value for hname, value in self.headers if hname == cname]
+        lower = cname.lower()
+        return [value for hname, value in self.headers if hname.lower() == lower]
 
     def header_values(self, name: str) -> list[str]:
         """All values of a header; list headers are split at top-level commas."""

@@ -11,6 +11,7 @@ where a response is possible (RFC 4475: requests get 400, responses are dropped)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .grammar import TOKEN_CHARS, GrammarError
@@ -19,6 +20,7 @@ from .message import SipMessage, SipRequest, SipResponse
 from .uri import SipUri, parse_uri
 
 DEFAULT_MAX_MESSAGE_SIZE = 65535
+_TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
 _REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")
 
 
@@ -108,7 +110,7 @@ def parse_message(
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         name = name.rstrip(" \t")
-        if not sep or not name or any(c not in TOKEN_CHARS for c in name):
+        if not sep or _TOKEN.fullmatch(name) is None:
             error = error or f"malformed header line {line[:40]!r}"
             continue
         headers.append((canonical_name(name), value.strip(" \t")))
