@@ -141,6 +141,16 @@ def _e164(value: str) -> str:
     return normalized
 
 
+def _identifier(value: str) -> str:
+    """An account or trunk id: the shape that is safe in logs, Redis keys and file names."""
+    if not _ACCOUNT_ID.match(value):
+        raise ValueError(
+            "must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
+            " (at most 64)"
+        )
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
@@ -500,12 +510,7 @@ class Account(_Model):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not _ACCOUNT_ID.match(value):
-            raise ValueError(
-                "must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
-                " (at most 64)"
-            )
-        return value
+        return _identifier(value)
 
     @field_validator("main_number", mode="before")
     @classmethod
@@ -579,12 +584,7 @@ class TrunkSettings(_Model):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not _ACCOUNT_ID.match(value):
-            raise ValueError(
-                "must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
-                " (at most 64)"
-            )
-        return value
+        return _identifier(value)
 
     @field_validator("host")
     @classmethod
