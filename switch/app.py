@@ -140,6 +140,10 @@ class Softswitch:
         call = end.call
         destination = call.destination
         media = None
+        # The media backend's leg "A" is whoever offered first: the callee on a late offer.
+        directions = (("caller_to_callee", "a_to_b"), ("callee_to_caller", "b_to_a"))
+        if call.callee_offered_first:
+            directions = (("caller_to_callee", "b_to_a"), ("callee_to_caller", "a_to_b"))
         if end.media_stats:
             media = {
                 name: {
@@ -148,7 +152,7 @@ class Softswitch:
                     "lost": end.media_stats[key]["lost"],
                     "jitter_ms": end.media_stats[key]["jitter_ms"] or 0.0,
                 }
-                for name, key in (("caller_to_callee", "a_to_b"), ("callee_to_caller", "b_to_a"))
+                for name, key in directions
             }
         record = CallRecord.for_call(
             call_id=call.call_id,

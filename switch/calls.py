@@ -115,6 +115,7 @@ class Call:
     ringing_timer: asyncio.TimerHandle | None = None
     failures: list[SipResponse] = field(default_factory=list)
     transferred: bool = False
+    callee_offered_first: bool = False
     b_ack_pending: bool = False  # late offer: the callee's ACK waits for the caller's
     b_ack_body: bytes = b""
     trunk: object | None = None
@@ -557,6 +558,7 @@ class CallControl:
             if late_offer and self.media is not None:
                 body = await self.media.offer(call.call_id, fork.remote_tag or "", body)
                 call.media = True
+                call.callee_offered_first = True  # the backend's leg "A" is the callee
             elif body and self.media is not None and call.media:
                 body = await self.media.answer(call.call_id, call.caller_tag,
                                                fork.remote_tag or "", body)
