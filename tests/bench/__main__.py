@@ -1,7 +1,9 @@
-"""``python -m tests.bench [--quick] [--only register|kamailio|memory|profile]``
+"""``python -m tests.bench [--quick] [--only register|kamailio|memory|profile|calls|relay]``
 
-Runs the REGISTER benchmarks and writes bench-results/register.{json,md,png}. With
-``--only``, the other sections of an existing register.json are kept.
+Runs the REGISTER benchmarks (bench-results/register.{json,md,png}; with ``--only``, the
+other sections of an existing register.json are kept), the calls-per-second benchmark
+(calls.{json,md,png}) and the relayed-calls benchmark (relay.{json,md,png}). Only the
+files of the scenarios that ran are written.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import register, report
+from . import calls, register, relay, report
 from .procs import REPO_ROOT, BenchError, machine_description
 
-SCENARIOS = ("register", "kamailio", "memory", "profile")
+REGISTER_SCENARIOS = ("register", "kamailio", "memory", "profile")
+SCENARIOS = (*REGISTER_SCENARIOS, "calls", "relay")
 FALLBACK_CLEAN_RATE = 1000
 
 
@@ -41,9 +44,56 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {tool} is not installed (apt-get install sip-tester)", file=sys.stderr)
             return 2
     chosen = set(args.only or SCENARIOS)
-    plan = register.Plan.quick() if args.quick else register.Plan.full()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    command = "python -m tests.bench" + (" " + " ".join(argv) if argv else (
+        " " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""))
+    status = 0
+    if chosen & set(REGISTER_SCENARIOS):
+        status = _register_benchmarks(args, chosen, output, command.strip())
+    for name, runner, markdown, plot in (
+        ("calls", calls.run_calls, report.calls_markdown, report.calls_plot),
+        ("relay", relay.run_relay, report.relay_markdown, report.relay_plot),
+    ):
+        if name in chosen and status != 130:
+            status = max(status, _other_benchmark(
+                name, runner, markdown, plot, args, output, command.strip()))
+    return status
+
+
+def _other_benchmark(name: str, runner, markdown, plot, args: argparse.Namespace,
+                     output: Path, command: str) -> int:
+    """One of the call benchmarks: runner(quick, workdir) -> results, written as
+    ``<name>.json``, ``<name>.md`` and ``<name>.png``."""
+    results: dict = {"machine": machine_description(), "command": command,
+                     "quick": args.quick}
+    started = time.monotonic()
+    status = 0
+    with tempfile.TemporaryDirectory(prefix=f"softswitch-bench-{name}-") as tmp:
+        try:
+            results.update(runner(args.quick, Path(tmp)))
+        except BenchError as error:
+            print(f"bench: {name}: {error}", file=sys.stderr)
+            results["error"] = str(error)
+            status = 1
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            status = 130
+    results["duration_seconds"] = round(time.monotonic() - started, 1)
+    if any(isinstance(v, dict) and "error" in v for v in results.values()):
+        status = max(status, 1)
+    json_path = output / f"{name}.json"
+    report.write_json(results, json_path)
+    (output / f"{name}.md").write_text(markdown(results))
+    plotted = plot(results, output / f"{name}.png")
+    print(f"bench: wrote {json_path}, {name}.md" + (f", {name}.png" if plotted else
+          " (no plot: matplotlib missing, pip install -e '.[bench]')"), flush=True)
+    return status
+
+
+def _register_benchmarks(args: argparse.Namespace, chosen: set[str], output: Path,
+                         command: str) -> int:
+    plan = register.Plan.quick() if args.quick else register.Plan.full()
     json_path = output / "register.json"
     results: dict = {}
     if args.only and json_path.exists():
@@ -51,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             results = json.loads(json_path.read_text())
         except ValueError:
             results = {}
-    command = "python -m tests.bench" + (" " + " ".join(argv) if argv else (
-        " " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""))
-    results.update(machine=machine_description(), command=command.strip(),
+    results.update(machine=machine_description(), command=command,
                    quick=args.quick, criteria=plan.criteria())
     started = time.monotonic()
     status = 0

@@ -226,3 +226,276 @@ def plot(results: dict, path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+# --------------------------------------------------------------------------------------
+# calls.{md,png}: calls per second through the B2BUA
+# --------------------------------------------------------------------------------------
+
+
+def _machine_line(results: dict) -> str:
+    machine = results.get("machine", {})
+    return (
+        f"{machine.get('date', '')}: {machine.get('nproc', '?')} × "
+        f"{machine.get('cpu_model', '?')}, Python {machine.get('python', '?')}, SIPp "
+        f"{machine.get('sipp', '?')}; load generator and server share the machine. "
+        f"Command: `{results.get('command', 'python -m tests.bench')}`."
+    )
+
+
+def _outcomes(results: dict, sections: tuple[tuple[str, str], ...]) -> list[str]:
+    out: list[str] = []
+    if "error" in results:
+        out += [f"error: {results['error']}", ""]
+    for key, title in sections:
+        data = results.get(key) or {}
+        for outcome in ("skipped", "error"):
+            if outcome in data:
+                out += [f"{title}: {outcome} ({data[outcome]})", ""]
+    return out
+
+
+def _verdict(step: dict) -> str:
+    verdict = "yes" if step["clean"] else "no: " + "; ".join(step["problems"])
+    for earlier in step.get("earlier_attempts") or []:
+        verdict += " (earlier try: " + "; ".join(earlier["problems"]) + ")"
+    return verdict
+
+
+def calls_markdown(results: dict) -> str:
+    out = ["# Calls per second through the B2BUA (no media)", "", _machine_line(results), ""]
+    criteria = results.get("criteria")
+    if criteria:
+        out += [f"One call: {criteria['call']}. A step lasts {criteria['step_seconds']:g} s; "
+                f"it is clean with {criteria['clean']}. The ramp stops {criteria['stop']}.", ""]
+    switch = results.get("switch_calls") or {}
+    sippy = results.get("sippy_calls") or {}
+    if switch.get("steps") or sippy.get("steps"):
+        out += [
+            "| measure | softswitch | Sippy B2BUA |",
+            "| --- | --- | --- |",
+            f"| highest clean calls/s | {_num(switch.get('highest_clean_rate'))} | "
+            f"{_num(sippy.get('highest_clean_rate'))} |",
+            f"| CPU at that rate (% of one core) | "
+            f"{_num(switch.get('cpu_percent_at_highest_clean'))} | "
+            f"{_num(sippy.get('cpu_percent_at_highest_clean'))} |",
+            f"| CPU per call (ms) | {_num(switch.get('cpu_ms_per_call'), 3)} | "
+            f"{_num(sippy.get('cpu_ms_per_call'), 3)} |",
+            f"| what it does per call | {switch.get('server', '—')}; digest on INVITE | "
+            f"{sippy.get('server', '—')} |",
+        ]
+        ratio = results.get("switch_to_sippy_ratio")
+        if ratio is not None:
+            out += ["", f"softswitch / Sippy (highest clean calls/s): **{ratio:.2f}**"]
+        for data, name in ((switch, "softswitch"), (sippy, "Sippy")):
+            if data.get("reached_last_step_cleanly"):
+                out += ["", f"{name} was clean at the last step: its figure is a lower bound."]
+        out.append("")
+    out += _outcomes(results, (("switch_calls", "softswitch"), ("sippy_calls", "Sippy")))
+    for key, title in (("switch_calls", "softswitch"), ("sippy_calls", "Sippy B2BUA")):
+        data = results.get(key) or {}
+        if not data.get("steps"):
+            continue
+        out += [
+            f"## {title}: steps",
+            "",
+            "| offered calls/s | achieved /s | steady /s | ok | failed | retrans (caller + "
+            "callee) | CPU % | CPU ms/call | clean |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for step in data["steps"]:
+            out.append(
+                f"| {step['offered_rate']:,.0f} | {step['achieved_rate']:,.0f} | "
+                f"{step['steady_rate']:,.0f} | {step['ok']:,} | "
+                f"{step['failed'] + step.get('callee_failed', 0):,} | "
+                f"{step.get('caller_retransmissions', 0):,} + "
+                f"{step.get('callee_retransmissions', 0):,} | "
+                f"{step['target_cpu_percent']:.0f} | {_num(step.get('cpu_ms_per_call'), 3)} | "
+                f"{_verdict(step)} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def calls_plot(results: dict, path: Path) -> bool:
+    """Offered vs achieved calls/s and CPU per step, switch and Sippy."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    figure, (axes, cpu_axes) = plt.subplots(1, 2, figsize=(12, 5))
+    highest = 0.0
+    for key, name, marker in (("sippy_calls", "Sippy B2BUA 2.5", "s"),
+                              ("switch_calls", "softswitch (1 process)", "o")):
+        steps = (results.get(key) or {}).get("steps") or []
+        if not steps:
+            continue
+        offered = [s["offered_rate"] for s in steps]
+        achieved = [s["achieved_rate"] for s in steps]
+        highest = max(highest, *offered, *achieved)
+        line = axes.plot(offered, achieved, marker=marker, label=name)[0]
+        cpu_axes.plot(offered, [s["target_cpu_percent"] for s in steps], marker=marker,
+                      label=name, color=line.get_color())
+        bad = [(o, a) for o, a, s in zip(offered, achieved, steps, strict=True) if not s["clean"]]
+        if bad:
+            axes.scatter(*zip(*bad, strict=True), s=160, facecolors="none",
+                         edgecolors=line.get_color(), linewidths=2)
+    if highest:
+        axes.plot([0, highest], [0, highest], linestyle=":", color="grey",
+                  label="offered = achieved")
+    axes.set_xlabel("offered calls/s (INVITE ... BYE, no media)")
+    axes.set_ylabel("achieved successful calls/s")
+    axes.set_title("B2BUA call rate (circled: step not clean; ramp stops)")
+    axes.grid(True, alpha=0.3)
+    if highest:
+        axes.legend()
+    cpu_axes.set_xlabel("offered calls/s")
+    cpu_axes.set_ylabel("CPU of the B2BUA, % of one core")
+    cpu_axes.set_title("B2BUA CPU per step (same machine as SIPp)")
+    cpu_axes.grid(True, alpha=0.3)
+    if highest:
+        cpu_axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# relay.{md,png}: concurrent relayed G.711 calls
+# --------------------------------------------------------------------------------------
+
+
+def _latency(values: dict | None, key: str) -> str:
+    if not values or key not in values:
+        return "—"
+    return f"{values[key]:,.0f}"
+
+
+def relay_markdown(results: dict) -> str:
+    out = ["# Relayed G.711 calls with zero loss", "", _machine_line(results), ""]
+    criteria = results.get("criteria")
+    if criteria:
+        out += [
+            f"Each step sets up N calls, then sends {criteria['packets']} for "
+            f"{criteria['rtp_seconds']:g} s. A step is clean with {criteria['clean']}. The "
+            f"ramp stops {criteria['stop']}. Latency: {criteria['latency']}.", ""]
+    switch = results.get("switch_relay") or {}
+    peer = results.get("rtpengine_relay") or {}
+    if switch.get("steps") or peer.get("steps"):
+        rows = [
+            ("most concurrent calls with zero loss", "max_zero_loss_calls", 0),
+            ("packets/s relayed at that N", "packets_per_second_at_max", 0),
+            ("CPU at that N (% of one core)", "cpu_percent_at_max", 0),
+            ("CPU per relayed packet (µs)", "cpu_us_per_packet_at_max", 1),
+        ]
+        out += ["| measure | softswitch | rtpengine |", "| --- | --- | --- |"]
+        for title, key, digits in rows:
+            out.append(f"| {title} | {_num(switch.get(key), digits)} | "
+                       f"{_num(peer.get(key), digits)} |")
+        for label, key in (("p50", "p50"), ("p99", "p99")):
+            out.append(
+                f"| latency added by the relay, {label} (µs) | "
+                f"{_latency(switch.get('added_latency_us_at_max'), key)} | "
+                f"{_latency(peer.get('added_latency_us_at_max'), key)} |")
+        out.append(f"| ramp stopped by | {switch.get('stopped_by', '—')} | "
+                   f"{peer.get('stopped_by', '—')} |")
+        out.append(f"| what it is | {switch.get('server', '—')} | {peer.get('server', '—')} |")
+        ratio = results.get("switch_to_rtpengine_ratio")
+        if ratio is not None:
+            out += ["", f"softswitch / rtpengine (most calls with zero loss): **{ratio:.2f}**"]
+        for data, name in ((switch, "softswitch"), (peer, "rtpengine")):
+            if data.get("lower_bound"):
+                out += ["", f"{name}: the ramp ended without loss ({data.get('stopped_by')}): "
+                        "its figure is a lower bound."]
+        out.append("")
+    out += _outcomes(results, (("switch_relay", "softswitch"), ("rtpengine_relay", "rtpengine")))
+    for key, title in (("switch_relay", "softswitch"), ("rtpengine_relay", "rtpengine")):
+        data = results.get(key) or {}
+        if not data.get("steps"):
+            continue
+        out += [
+            f"## {title}: steps",
+            "",
+            "| calls | set up | sent | lost | relayed pkt/s | relay CPU % | µs CPU/pkt | "
+            "generator CPU % | latency p50 / p99 (µs) | direct p50 / p99 | added p50 / p99 "
+            "| clean |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| --- |",
+        ]
+        for step in data["steps"]:
+            lat, base, added = (step.get("latency_us"), step.get("baseline_latency_us"),
+                                step.get("added_latency_us"))
+            out.append(
+                f"| {step['calls']:,} | {step['calls_set_up']:,} | {step['sent']:,} | "
+                f"{step['lost']:,} | {step['relayed_packets_per_s']:,.0f} | "
+                f"{step['relay_cpu_percent']:.0f} | "
+                f"{_num(step.get('relay_cpu_us_per_packet'), 1)} | "
+                f"{step['generator_cpu_percent']:.0f} | {_latency(lat, 'p50')} / "
+                f"{_latency(lat, 'p99')} | {_latency(base, 'p50')} / {_latency(base, 'p99')} "
+                f"| {_latency(added, 'p50')} / {_latency(added, 'p99')} | {_verdict(step)} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def relay_plot(results: dict, path: Path) -> bool:
+    """Relayed packets/s, relay CPU and added latency against concurrent calls."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    figure, (rate_axes, cpu_axes, latency_axes) = plt.subplots(1, 3, figsize=(16, 5))
+    highest = 0
+    for key, name, marker in (("rtpengine_relay", "rtpengine (userspace, 1 thread)", "s"),
+                              ("switch_relay", "softswitch (1 process)", "o")):
+        steps = [s for s in (results.get(key) or {}).get("steps") or [] if s["sent"]]
+        if not steps:
+            continue
+        calls = [s["calls"] for s in steps]
+        highest = max(highest, *calls)
+        line = rate_axes.plot(calls, [s["relayed_packets_per_s"] for s in steps],
+                              marker=marker, label=name)[0]
+        color = line.get_color()
+        lossy = [(s["calls"], s["relayed_packets_per_s"]) for s in steps if not s["clean"]]
+        if lossy:
+            rate_axes.scatter(*zip(*lossy, strict=True), s=160, facecolors="none",
+                              edgecolors=color, linewidths=2)
+        cpu_axes.plot(calls, [s["relay_cpu_percent"] for s in steps], marker=marker,
+                      label=name, color=color)
+        for percentile, style in (("p50", "-"), ("p99", "--")):
+            points = [(s["calls"], s["added_latency_us"][percentile]) for s in steps
+                      if percentile in (s.get("added_latency_us") or {})]
+            if points:
+                latency_axes.plot(*zip(*points, strict=True), marker=marker, linestyle=style,
+                                  color=color, label=f"{name}, {percentile}")
+    if highest:
+        rate_axes.plot([0, highest], [0, 2 * 50 * highest], linestyle=":", color="grey",
+                       label="sent (100 pkt/s per call)")
+    rate_axes.set_xlabel("concurrent G.711 calls")
+    rate_axes.set_ylabel("packets/s received at the far ends")
+    rate_axes.set_title("relayed packets (circled: step not clean; ramp stops)")
+    cpu_axes.set_xlabel("concurrent G.711 calls")
+    cpu_axes.set_ylabel("CPU of the relay, % of one core")
+    cpu_axes.set_title("relay CPU (same machine as the generator)")
+    latency_axes.set_xlabel("concurrent G.711 calls")
+    latency_axes.set_ylabel("one-way latency added by the relay (µs)")
+    latency_axes.set_title("added latency, relay − direct")
+    latency_axes.set_yscale("symlog", linthresh=100)
+    for axes in (rate_axes, cpu_axes, latency_axes):
+        axes.grid(True, alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
