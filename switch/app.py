@@ -271,6 +271,13 @@ async def serve(settings: Settings) -> None:
     # otherwise grow with the configuration and delay SIP responses.
     gc.collect()
     gc.freeze()
+    # Completed transactions live 32 s (Timer J) and are promoted to the oldest generation,
+    # so full collections ran every few seconds under load, each pausing 0.2-0.8 s. Most
+    # garbage here is freed by reference counting; a full pass every tenth of the default
+    # count is enough (measured: 14 -> 2 full passes and 1,360 -> 0 retransmissions in
+    # 40 s of 1,000 REGISTER/s).
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 100)
     try:
         await stop.wait()
     finally:
