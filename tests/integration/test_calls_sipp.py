@@ -478,6 +478,29 @@ def test_busy_callee_gives_486_to_the_caller(bench: Bench) -> None:
     assert record["answer"] is None, record
 
 
+def test_reliable_provisional_from_the_callee_is_pracked(bench: Bench) -> None:
+    """A callee that sends its 183 with Require: 100rel gets a PRACK from the switch
+    (RFC 3262) before it answers; the caller's call completes normally."""
+    callee = "1009"
+    work = bench.workdir / "prack"
+    with sipp_group() as started:
+        uas = start_sipp(work, "uas", "uas_answer_100rel.xml")
+        started.append(uas)
+        bench.register(callee, uas.port)
+        uac = start_sipp(
+            work,
+            "uac",
+            "uac_call_media.xml",
+            target=bench.target,
+            injection=caller_injection(work, callee),
+        )
+        started.append(uac)
+        assert uac.wait() == 0, uac.describe() + uas.describe()
+        assert uas.wait() == 0, uas.describe()  # it saw the PRACK with RAck: 1 <cseq> INVITE
+    record = bench.cdr(sipp_call_id(uac))
+    assert record["end_cause"] == "normal" and record["sip_status"] == 200, record
+
+
 @pytest.mark.parametrize(
     ("case", "callee", "password", "status"),
     [
