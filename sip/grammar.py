@@ -19,15 +19,6 @@ class GrammarError(ValueError):
     """A header value or URI that does not follow the SIP grammar."""
 
 
-def is_token(text: str) -> bool:
-    if not text:
-        return False
-    for ch in text:
-        if ch not in TOKEN_CHARS:
-            return False
-    return True
-
-
 def skip_ws(text: str, pos: int) -> int:
     n = len(text)
     while pos < n and text[pos] in WS:

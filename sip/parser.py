@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .grammar import TOKEN_CHARS, GrammarError
 from .headers import SINGLE_HEADERS, canonical_name
 from .message import SipMessage, SipRequest, SipResponse
-from .uri import SipUri, parse_uri
+from .uri import SipUri
 
 DEFAULT_MAX_MESSAGE_SIZE = 65535
 _TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
@@ -205,8 +205,3 @@ def parse_message_safe(
         return exc
     except Exception as exc:  # defensive: the receive path must never see an exception
         return SipParseError(f"unparseable message ({type(exc).__name__})")
-
-
-def parse_uri_text(text: str):
-    """Parse a URI given as text; raises GrammarError."""
-    return parse_uri(text)

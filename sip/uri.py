@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from .grammar import TOKEN_CHARS, GrammarError, unescape
+from .grammar import GrammarError, unescape
 
 _URI_FORBIDDEN_RE = re.compile(r'[\x00-\x20<>"\x7f]')
 _HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -264,7 +264,3 @@ def _parse_sip_uri(scheme: str, rest: str) -> SipUri:
         hostport = rest
     uri.host, uri.port = split_hostport(hostport)
     return uri
-
-
-def is_token(text: str) -> bool:
-    return bool(text) and all(c in TOKEN_CHARS for c in text)

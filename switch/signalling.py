@@ -302,19 +302,6 @@ class SignallingCore:
         self._process(events)
         return transaction
 
-    async def flow_to(self, transport: str, remote: tuple[str, int]) -> Flow | None:
-        """A flow towards a peer the switch calls first (a trunk): UDP from a listening
-        socket of the remote's family; TCP/TLS over a reused or new connection (opened
-        with a CRLF keepalive ping, RFC 5626 §3.5.1). None when it cannot be reached."""
-        transport = transport.lower()
-        if transport == "udp":
-            v6 = ":" in remote[0]
-            for kind, host, port in self.transports.listeners():
-                if kind == "udp" and (":" in host) == v6:
-                    return Flow("udp", (host, port), remote)
-            return None
-        return await self.transports.send_to(b"\r\n\r\n", transport, remote)
-
     def send_stateless(self, message: SipRequest | SipResponse, flow: Flow) -> None:
         """Send outside any transaction: an ACK for a 2xx, or a 2xx retransmission."""
         self._send(message, flow)
