@@ -208,6 +208,15 @@ class CallControl:
         except Exception as exc:  # a response the transaction state no longer allows
             log.info("calls.response_dropped", status=status, error=str(exc))
 
+    def _refuse(self, transaction: ServerTransaction, request: SipRequest, status: int,
+                reason: str, **context) -> None:
+        """Refuse an INVITE before a call exists: the status and reason to the caller, a log
+        event and a metric (calls that exist end through `_fail` and get a CDR)."""
+        self.metrics.sip_requests_rejected.labels("INVITE", str(status)).inc()
+        log.info("call.refused", call_id=request.call_id, status=status, reason=reason,
+                 source=transaction.flow.remote[0], **context)
+        self._respond(transaction, request, status, reason, to_tag=new_tag())
+
     def _sent_by(self, flow: Flow) -> str:
         host, port = flow.local
         if flow.transport != "udp":
@@ -246,9 +255,8 @@ class CallControl:
             await self._new_inbound_call(request, transaction, trunk, now)
             return
         if self.bans.is_banned(source_ip, now):
-            self._respond(transaction, request, 403,
-                          "Too many failed authentications from this address",
-                          to_tag=new_tag())
+            self._refuse(transaction, request, 403,
+                         "Too many failed authentications from this address")
             return
         credentials = None
         for value in request.header_lines("Proxy-Authorization"):
@@ -260,6 +268,8 @@ class CallControl:
         if auth.outcome is not AuthOutcome.OK:
             if auth.outcome is AuthOutcome.FAILED:
                 self.metrics.auth_failures.labels("bad_credentials").inc()
+                log.info("invite.auth_failed", call_id=request.call_id, source=source_ip,
+                         user=auth.username, reason=auth.reason)
                 ban = self.bans.record_failure(source_ip, auth.username, now)
                 if ban is not None:
                     self.metrics.bans.labels(ban.reason).inc()
@@ -272,7 +282,7 @@ class CallControl:
             return
         caller = self.directory.device(auth.username or "")
         if caller is None:  # credentials of a device removed by a reload
-            self._respond(transaction, request, 403, "Unknown device", to_tag=new_tag())
+            self._refuse(transaction, request, 403, "Unknown device")
             return
         self.bans.record_success(source_ip, auth.username)
         call = self._open_call(request, transaction, now, caller=caller,
@@ -289,7 +299,7 @@ class CallControl:
                    caller: Device | None, account_id: str) -> Call | None:
         a_tag = new_tag()
         if request.call_id in self.calls:
-            self._respond(transaction, request, 482, "Loop Detected", to_tag=a_tag)
+            self._refuse(transaction, request, 482, "Loop Detected")
             return None
         call = Call(
             call_id=request.call_id, a_request=request, a_transaction=transaction,
@@ -309,12 +319,12 @@ class CallControl:
         if target is None:
             target = self.trunks.did_target(trunk, _uri_number(request.to.uri))
         if target is None:
-            self._respond(transaction, request, 404, "Number not assigned", to_tag=new_tag())
+            self._refuse(transaction, request, 404, "Number not assigned", trunk=trunk.id)
             return
         account_id, extension = target
         callee = self.directory.device_by_extension(account_id, extension)
         if callee is None:
-            self._respond(transaction, request, 404, "Number not assigned", to_tag=new_tag())
+            self._refuse(transaction, request, 404, "Number not assigned", trunk=trunk.id)
             return
         call = self._open_call(request, transaction, now, caller=None, account_id=account_id)
         if call is None:

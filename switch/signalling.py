@@ -246,6 +246,9 @@ class SignallingCore:
             self.metrics.sip_requests_rejected.labels(
                 method_label(request.method), str(rejection.status),
             ).inc()
+            log.info("sip.request_refused", call_id=request.call_id, method=request.method,
+                     status=rejection.status, reason=rejection.reason,
+                     source=f"{transaction.flow.remote[0]}:{transaction.flow.remote[1]}")
             self.respond(transaction, make_response(
                 request, rejection.status, rejection.reason, to_tag=secrets.token_hex(6),
                 headers=[("Server", self.server_header), *rejection.headers]))
