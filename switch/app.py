@@ -154,6 +154,10 @@ class Softswitch:
                 }
                 for name, key in directions
             }
+        for direction, values in (media or {}).items():
+            self.metrics.media_packets.labels(direction).inc(values["packets"])
+            self.metrics.media_bytes.labels(direction).inc(values["bytes"])
+            self.metrics.media_lost_packets.labels(direction).inc(values["lost"])
         record = CallRecord.for_call(
             call_id=call.call_id,
             account=call.account_id,

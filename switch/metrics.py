@@ -107,6 +107,25 @@ class SwitchMetrics:
             ["cause"],
             registry=r,
         )
+        self.media_packets = Counter(
+            f"{PREFIX}_media_packets",
+            "RTP packets relayed for ended calls, by direction (caller_to_callee, "
+            "callee_to_caller)",
+            ["direction"],
+            registry=r,
+        )
+        self.media_bytes = Counter(
+            f"{PREFIX}_media_bytes",
+            "RTP bytes relayed for ended calls, by direction",
+            ["direction"],
+            registry=r,
+        )
+        self.media_lost_packets = Counter(
+            f"{PREFIX}_media_lost_packets",
+            "RTP packets lost before the relay (sequence gaps or RTCP reports), by direction",
+            ["direction"],
+            registry=r,
+        )
         self.transactions_active = Gauge(
             f"{PREFIX}_sip_transactions_active",
             "SIP transactions in progress",

@@ -306,8 +306,15 @@ def blind_transfer(bench: InProcessBench) -> None:
     assert record["end_cause"] == "normal" and record["hangup_by"] == "caller", record
     assert (record["device"], record["callee_dialled"]) == (CALLER, "1001"), record
     assert record["sip_status"] == 200 and record["answer"] is not None, record
+    metrics = bench.switch.metrics
     for direction in ("caller_to_callee", "callee_to_caller"):
         assert record["media"][direction]["packets"] == RTP_PACKETS, record
+        # the same figures reach the media metrics
+        labels = {"direction": direction}
+        assert metrics.value("softswitch_media_packets_total", labels) == RTP_PACKETS
+        assert metrics.value("softswitch_media_bytes_total", labels) == (
+            record["media"][direction]["bytes"]
+        )
 
 
 def test_transfer_to_an_unregistered_extension_is_refused_and_the_call_goes_on(
