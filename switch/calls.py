@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from sip.digest import parse_credentials
 from sip.grammar import GrammarError
 from sip.headers import parse_name_address
 from sip.message import SipRequest, SipResponse, make_response
+from sip.multipart import parse_multipart
 from sip.transaction import ClientTransaction, ServerTransaction, new_branch
 from sip.transport import Flow
 from sip.uri import SipUri, TelUri
@@ -71,6 +73,8 @@ class Fork:
     dialog: Dialog | None = None
     prack_seq: int = 1
     trunk: object | None = None  # the trunk this fork goes to (answers its challenges)
+    attempt: asyncio.Future | None = None  # emergency route attempt: its final status
+    progressed: bool = False  # a provisional response beyond 100 arrived
 
 
 @dataclass(slots=True)
@@ -122,6 +126,11 @@ class Call:
     caller_number: str | None = None  # inbound: who called, as the trunk said
     classification: str = "invalid"
     destination: object | None = None  # the dial plan's Destination
+    emergency: object | None = None  # e911.service.EmergencyCall for an emergency call
+    a_sdp: bytes = b""  # the SDP of the caller's INVITE (its body may be multipart)
+    announcement: object | None = None  # player of the "all routes failed" announcement
+    callback: bool = False  # a PSAP calling back (bypasses DND and forwarding)
+    forwarded: bool = False
 
     @property
     def caller_tag(self) -> str:
@@ -156,6 +165,7 @@ class CallControl:
         country: str = "FR",
         on_call_end: Callable[[CallEnd], object] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        emergency=None,
     ) -> None:
         self.core = core
         self.directory = directory
@@ -173,7 +183,10 @@ class CallControl:
         self.country = country
         self.on_call_end = on_call_end
         self.wall_clock = wall_clock
+        self.emergency = emergency  # e911.service.EmergencyService (None: plain hand-off)
         self.calls: dict[str, Call] = {}
+        # calls carried by each trunk, oldest first (channel limits, emergency preemption)
+        self.trunk_calls: dict[str, list[Call]] = {}
         # (Call-ID, our tag) → (call, "a" | "b")
         self.dialogs: dict[tuple[str, str], tuple[Call, str]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -254,7 +267,8 @@ class CallControl:
         if trunk is not None:
             await self._new_inbound_call(request, transaction, trunk, now)
             return
-        if self.bans.is_banned(source_ip, now):
+        if self.bans.is_banned(source_ip, now) and not self._dials_emergency(request):
+            # a banned address still gets the digest challenge for an emergency number
             self._refuse(transaction, request, 403,
                          "Too many failed authentications from this address")
             return
@@ -306,6 +320,7 @@ class CallControl:
             a_flow=transaction.flow, a_tag=a_tag, caller=caller, account_id=account_id,
             callee_dialled=_dialled(request), started_at=now,
         )
+        call.a_sdp = _sdp_of(request)
         self.calls[call.call_id] = call
         self.metrics.calls_attempted.inc()
         self.metrics.calls_active.inc()
@@ -314,7 +329,29 @@ class CallControl:
 
     async def _new_inbound_call(self, request: SipRequest, transaction: ServerTransaction,
                                 trunk, now: float) -> None:
-        """A call from a trunk: the called number (a DID) picks the device to ring."""
+        """A call from a trunk: the called number (a DID) picks the device to ring. Within
+        the callback window after an emergency call, a call to the callback number rings
+        the device that made it, whatever its do-not-disturb and forwarding (EM-41)."""
+        callback = None
+        if self.emergency is not None:
+            for uri in (request.request_uri, request.to.uri):
+                callback = self.emergency.callback_for(_uri_number(uri), request)
+                if callback is not None:
+                    break
+        if callback is not None:
+            callee = self.directory.device(callback)
+            if callee is not None:
+                call = self._open_call(request, transaction, now, caller=None,
+                                       account_id=callee.account_id)
+                if call is None:
+                    return
+                call.callback = True
+                await self._ring_inbound(call, trunk, callee, request, transaction)
+                return
+        if self._trunk_full(trunk):
+            self._refuse(transaction, request, 503, f"All channels of trunk {trunk.id} are busy",
+                         trunk=trunk.id)
+            return
         target = self.trunks.did_target(trunk, _uri_number(request.request_uri))
         if target is None:
             target = self.trunks.did_target(trunk, _uri_number(request.to.uri))
@@ -329,7 +366,12 @@ class CallControl:
         call = self._open_call(request, transaction, now, caller=None, account_id=account_id)
         if call is None:
             return
+        await self._ring_inbound(call, trunk, callee, request, transaction)
+
+    async def _ring_inbound(self, call: Call, trunk, callee: Device, request: SipRequest,
+                            transaction: ServerTransaction) -> None:
         call.trunk = trunk
+        self._track_trunk(call, trunk)
         identity = inbound_identity(request, trusted=trunk.trust_identity,
                                     country=self.country, source=transaction.flow.remote[0])
         call.caller_number = identity.caller_number
@@ -346,10 +388,24 @@ class CallControl:
 
     async def _route(self, call: Call) -> None:
         caller = call.caller
-        destination = self.dialplan_for(caller.account_id).classify(call.a_request.request_uri)
+        dialled = call.a_request.request_uri
+        speed_dial = caller.speed_dials.get(_uri_number(dialled)) if caller.speed_dials else None
+        plan = self.dialplan_for(caller.account_id)
+        destination = plan.classify(speed_dial or dialled)
+        if (destination.kind is DestinationKind.INVALID and speed_dial is None
+                and not isinstance(dialled, SipUri | TelUri)):
+            destination = plan.classify(call.a_request.to.uri)  # EM-03: the number in To
         call.destination = destination
         call.classification = str(destination.kind).lower()
         kind = destination.kind
+        if kind is DestinationKind.EMERGENCY:
+            # never refused by any limit of the switch (EM-10, EM-11, EM-12)
+            await self._call_emergency(call, destination)
+            return
+        refusal = self._ordinary_call_refusal(caller, kind)
+        if refusal is not None:
+            await self._fail(call, 403, refusal, "refused")
+            return
         if kind is DestinationKind.INTERNAL:
             callee = self.directory.device_by_extension(caller.account_id,
                                                         destination.extension or "")
@@ -360,16 +416,274 @@ class CallControl:
             from_value = _name_addr(caller.display_name,
                                     f"sip:{caller.extension}@{self.directory.realm}")
             await self._ring_device(call, callee, from_value, [])
-        elif kind in (DestinationKind.EXTERNAL, DestinationKind.EMERGENCY):
-            # Emergency calls take the trunk too; the emergency issue adds its own routes,
-            # location and callback data on top of this hand-off point.
+        elif kind is DestinationKind.EXTERNAL:
             await self._call_out(call, destination)
         else:
             await self._fail(call, 404, destination.reason or "Invalid number", "not_found")
 
+    # -- limits of ordinary calls ---------------------------------------------------------------
+    def _dials_emergency(self, request: SipRequest) -> bool:
+        """Whether an INVITE (not yet authenticated) dials an emergency number of the
+        site's plan: such a request is never refused before it is classified."""
+        try:
+            plan = self.dialplan_for(next(iter(self.accounts), ""))
+            return plan.classify(request.request_uri).is_emergency
+        except Exception:
+            return False
+
+    def _ordinary_call_refusal(self, caller: Device, kind) -> str | None:
+        """Why a non-emergency call of this device is refused (None: it is not)."""
+        if caller.account_suspended:
+            return "Account suspended: only emergency calls are possible"
+        if (self.emergency is not None and self.emergency.refuses_unlocated
+                and not self.emergency.has_location(caller.username)):
+            return ("No emergency location is registered for this device: calls are"
+                    " refused until one is set (emergency calls still work)")
+        if caller.class_of_service == "internal_only" and kind is not DestinationKind.INTERNAL:
+            return "Outside calls are barred for this device"
+        return None
+
+    def _in_emergency_call(self, device: Device) -> bool:
+        return any(c.emergency is not None and c.caller is device
+                   and c.state is not CallState.ENDED for c in self.calls.values())
+
+    def _trunk_full(self, trunk) -> bool:
+        channels = getattr(trunk, "channels", None)
+        return channels is not None and len(self.trunk_calls.get(trunk.id, ())) >= channels
+
+    def _track_trunk(self, call: Call, trunk) -> None:
+        calls = self.trunk_calls.setdefault(trunk.id, [])
+        if call not in calls:
+            calls.append(call)
+
+    def _untrack_trunk(self, call: Call, trunk=None) -> None:
+        for trunk_id, calls in self.trunk_calls.items():
+            if (trunk is None or trunk.id == trunk_id) and call in calls:
+                calls.remove(call)
+
+    def _release_ordinary_call(self, trunk) -> str | None:
+        """Free a channel of a full trunk for an emergency call: the newest ordinary
+        call on it is released (EM-13). Returns its Call-ID."""
+        for victim in reversed(self.trunk_calls.get(trunk.id, [])):
+            if victim.emergency is None and victim.state is not CallState.ENDED:
+                self._untrack_trunk(victim, trunk)
+                log.warning("emergency.call_preempted", call_id=victim.call_id, trunk=trunk.id)
+                self.hangup(victim.call_id, "emergency_preemption",
+                            reason='SIP;cause=503;text="Released for an emergency call"')
+                return victim.call_id
+        return None
+
+    # -- emergency calls (e911/) -------------------------------------------------------------
+    async def _call_emergency(self, call: Call, destination) -> None:
+        """Route an emergency call: the caller's site's routes in order, each failure
+        (error, timeout, unreachable, TLS) moving to the next at once, a 424 retried with
+        the validated default location; if every route failed, an announcement to the
+        caller and new rounds until someone answers or the caller hangs up (EM-13)."""
+        em = self.emergency
+        if em is None:  # no emergency layer configured: hand the call to the trunk
+            await self._call_out(call, destination)
+            return
+        try:
+            ctx = em.begin(call, call.caller, destination)
+        except Exception:
+            log.exception("emergency.begin_failed")
+            await self._call_out(call, destination)
+            return
+        call.emergency = ctx
+        sdp = await self._offer_media(call)
+        if sdp is None:
+            return
+        call.b_call_id = new_call_id(self.directory.realm)
+        call.b_tag = new_tag()
+        self.dialogs[(call.call_id, call.a_tag)] = (call, "a")
+        self.dialogs[(call.b_call_id, call.b_tag)] = (call, "b")
+        call.state = CallState.EARLY
+        cseq = itertools.count(1)
+        announced = False
+        while self._emergency_pending(call):
+            for trunk in em.routes(ctx):
+                if not self._emergency_pending(call):
+                    return
+                if await self._emergency_attempt(call, ctx, trunk, sdp, cseq):
+                    return
+            if not self._emergency_pending(call):
+                return
+            if not announced:
+                announced = True
+                em.all_failed(ctx)
+                await self._announce(call)
+            deadline = time.monotonic() + em.retry_interval
+            while self._emergency_pending(call) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+
+    @staticmethod
+    def _emergency_pending(call: Call) -> bool:
+        return (call.state is CallState.EARLY and not call.cancelled and call.winner is None)
+
+    async def _emergency_attempt(self, call: Call, ctx, trunk, sdp: bytes, cseq) -> bool:
+        """One route: True when it answered (the call goes on), False to try the next."""
+        em = self.emergency
+        if self._trunk_full(trunk):
+            released = (self._release_ordinary_call(trunk)
+                        if em.release_ordinary_calls else None)
+            em.preempted(ctx, trunk, released)
+        flow, failures = await self.trunks.emergency_flow(trunk)
+        for failure in failures:
+            em.response(ctx, trunk, None, failure)
+        if flow is None:
+            return False
+        default_location = False
+        for _ in range(2):  # the second time: after a 424, with the default location only
+            if not self._emergency_pending(call):
+                return False
+            invite = em.invite_for(ctx, trunk, sdp, default_location=default_location)
+            request = self._emergency_request(call, invite, flow, next(cseq))
+            fork = Fork(request, flow, trunk=trunk)
+            fork.attempt = asyncio.get_running_loop().create_future()
+            call.forks.append(fork)
+            self._track_trunk(call, trunk)
+            call.trunk = trunk
+            self._send_fork(call, fork)
+            em.invite_sent(ctx, trunk, request)
+            outcome = await self._await_attempt(call, fork, em.route_timeout)
+            if isinstance(outcome, int) and outcome < 300:
+                em.answered(ctx, trunk)
+                return True
+            status = outcome.status if isinstance(outcome, SipResponse) else None
+            reason = (outcome.reason if isinstance(outcome, SipResponse)
+                      else "no response in time")
+            body = outcome.body if isinstance(outcome, SipResponse) else b""
+            em.response(ctx, trunk, status, reason, body=body)
+            self._untrack_trunk(call, trunk)
+            if status == 424 and not default_location:
+                default_location = True  # EM-31: never passed to the caller
+                continue
+            return False
+        return False
+
+    async def _await_attempt(self, call: Call, fork: Fork, route_timeout: float):
+        """The attempt's final status (int for 2xx, the response otherwise); no answer
+        beyond 100 Trying within ``route_timeout`` cancels it (None)."""
+        deadline = time.monotonic() + route_timeout
+        while True:
+            if fork.attempt.done():
+                return fork.attempt.result()
+            if not self._emergency_pending(call):
+                return None
+            if not fork.progressed and time.monotonic() >= deadline:
+                if fork.final is None:
+                    fork.final = 408
+                    self._cancel_fork(fork)
+                return None
+            try:
+                await asyncio.wait_for(asyncio.shield(fork.attempt), 0.05)
+            except TimeoutError:
+                pass
+
+    def _emergency_request(self, call: Call, invite, flow: Flow, cseq: int) -> SipRequest:
+        headers = [
+            ("Via", f"SIP/2.0/{flow.transport.upper()} {self._sent_by(flow)};"
+                    f"branch={new_branch()};rport"),
+            ("Max-Forwards", "70"),
+            ("From", f"{_name_addr(invite.from_display, invite.from_uri)};tag={call.b_tag}"),
+            ("To", invite.to),
+            ("Call-ID", call.b_call_id),
+            ("CSeq", f"{cseq} INVITE"),
+            ("Contact", self._contact(flow, invite.contact_user)),
+            ("Allow", ALLOW),
+            ("User-Agent", self.server_header),
+            *invite.headers,
+        ]
+        if invite.content_type:
+            headers.append(("Content-Type", invite.content_type))
+        return SipRequest("INVITE", invite.request_uri, headers, invite.body)
+
+    async def _announce(self, call: Call) -> None:
+        """Every route failed: a 183 with the announcement for the caller while the
+        switch keeps trying (EM-13)."""
+        player = self.emergency.announcement_player() if self.emergency else None
+        body = b""
+        if player is not None and call.a_sdp:
+            try:
+                body = await player.start(call.a_sdp)
+                call.announcement = player
+            except Exception as exc:
+                log.warning("emergency.announcement_failed", call_id=call.call_id,
+                            error=str(exc))
+                body = b""
+        if call.state is CallState.EARLY:
+            self._respond(call, call.a_request, 183, "Emergency call being retried",
+                          to_tag=call.a_tag, headers=[("Contact", self._contact(call.a_flow))],
+                          body=body)
+
+    def _stop_announcement(self, call: Call) -> None:
+        player, call.announcement = call.announcement, None
+        if player is not None:
+            try:
+                player.stop()
+            except Exception as exc:
+                log.info("emergency.announcement_stop_failed", error=str(exc))
+
+    async def send_message(self, username: str, text: str) -> bool:
+        """A SIP MESSAGE (RFC 3428) to every registered contact of a device; True when
+        one of them accepted it (on-site notifications, location prompts)."""
+        device = self.directory.device(username)
+        if device is None:
+            return False
+        bindings = await self.store.lookup(self.directory.aor(username), self.wall_clock())
+        delivered = False
+        for binding in bindings:
+            flow = contact_flow(binding)
+            request = SipRequest("MESSAGE", binding.contact, [
+                ("Via", f"SIP/2.0/{flow.transport.upper()} {self._sent_by(flow)};"
+                        f"branch={new_branch()};rport"),
+                ("Max-Forwards", "70"),
+                ("From", f"<sip:switch@{self.directory.realm}>;tag={new_tag()}"),
+                ("To", f"<sip:{device.extension}@{self.directory.realm}>"),
+                ("Call-ID", new_call_id(self.directory.realm)),
+                ("CSeq", "1 MESSAGE"),
+                ("User-Agent", self.server_header),
+                ("Content-Type", "text/plain;charset=utf-8"),
+            ], text.encode())
+            try:
+                response = await self.core.request(request, flow)
+            except RequestTimeout:
+                response = None
+            delivered = delivered or (response is not None and 200 <= response.status < 300)
+        return delivered
+
     async def _ring_device(self, call: Call, callee: Device, from_value: str,
                            extra: list[tuple[str, str]]) -> None:
-        """Fork to every registered contact of a device, in parallel."""
+        """Fork to every registered contact of a device, in parallel. A device in an
+        emergency call gets no call waiting (EM-40); do-not-disturb and forwarding apply
+        except to a PSAP calling back (EM-41)."""
+        if self._in_emergency_call(callee):
+            await self._fail(call, 486, "Busy: emergency call in progress", "busy")
+            return
+        if not call.callback and call.emergency is None:
+            if callee.do_not_disturb:
+                await self._fail(call, 486, "Do not disturb", "busy")
+                return
+            if callee.forward_all and not call.forwarded:
+                call.forwarded = True
+                log.info("call.forwarded", call_id=call.call_id, by=callee.extension,
+                         to=callee.forward_all)
+                destination = self.dialplan_for(callee.account_id).classify(callee.forward_all)
+                if destination.kind is DestinationKind.INTERNAL:
+                    target = self.directory.device_by_extension(callee.account_id,
+                                                                destination.extension or "")
+                    if target is None:
+                        await self._fail(call, 404, "Forwarding target does not exist",
+                                         "not_found")
+                        return
+                    call.callee = target
+                    await self._ring_device(call, target, from_value, extra)
+                elif destination.kind is DestinationKind.EXTERNAL and call.caller is not None:
+                    await self._call_out(call, destination)
+                else:
+                    await self._fail(call, 404, "Forwarding target is not callable",
+                                     "not_found")
+                return
         bindings = await self.store.lookup(self.directory.aor(callee.username),
                                            self.wall_clock())
         if not bindings:
@@ -392,7 +706,11 @@ class CallControl:
         if trunk is None:
             await self._fail(call, 503, "No trunk available for this destination", "failed")
             return
+        if self._trunk_full(trunk):
+            await self._fail(call, 503, f"All channels of trunk {trunk.id} are busy", "failed")
+            return
         call.trunk = trunk
+        self._track_trunk(call, trunk)
         flow = await self.trunks.flow_for(trunk)
         if flow is None:
             await self._fail(call, 503, f"Trunk {trunk.id} is unreachable", "failed")
@@ -418,7 +736,7 @@ class CallControl:
 
     async def _offer_media(self, call: Call) -> bytes | None:
         """The caller's SDP rewritten for the callee side (None: the call was failed)."""
-        body = call.a_request.body
+        body = call.a_sdp
         if call.cancelled:
             await self._fail(call, 487, None, "cancelled")
             return None
@@ -491,6 +809,7 @@ class CallControl:
             if status == 100 or call.state is not CallState.EARLY:
                 return
             fork.remote_tag = response.to.tag or fork.remote_tag
+            fork.progressed = True
             if "100rel" in response.option_tags("Require") and response.header("RSeq"):
                 self._prack(fork, response)
             self._spawn(self._relay_provisional(call, fork, response))
@@ -511,6 +830,8 @@ class CallControl:
                 self._send_in_dialog(fork.dialog, fork.flow, "BYE", None)
                 return
             call.winner = fork
+            if fork.attempt is not None and not fork.attempt.done():
+                fork.attempt.set_result(status)
             self._spawn(self._answered(call, fork, response))
             return
         if status in (401, 407) and fork.trunk is not None and not call.cancelled:
@@ -521,6 +842,10 @@ class CallControl:
                 return
         fork.final = status
         call.failures.append(response)
+        if fork.attempt is not None:  # an emergency route: the route loop decides
+            if not fork.attempt.done():
+                fork.attempt.set_result(response)
+            return
         if call.winner is None and all(f.final is not None for f in call.forks):
             self._spawn(self._all_forks_failed(call))
 
@@ -557,6 +882,7 @@ class CallControl:
     async def _answered(self, call: Call, fork: Fork, response: SipResponse) -> None:
         if call.ringing_timer:
             call.ringing_timer.cancel()
+        self._stop_announcement(call)
         for other in call.forks:
             if other is not fork and other.final is None:
                 self._cancel_fork(other)
@@ -744,6 +1070,13 @@ class CallControl:
         if request.method == "BYE":
             self._spawn(self._answer_bye(call, side, request, transaction))
             return
+        if call.emergency is not None and side == "a":
+            refusal = _emergency_in_dialog_refusal(request)
+            if refusal is not None:  # EM-40: the PSAP is never held or transferred away
+                log.info("emergency.feature_refused", call_id=call.call_id,
+                         method=request.method, reason=refusal)
+                self._respond(transaction, request, 403, refusal)
+                return
         if request.method == "REFER":
             self._spawn(self._transfer(call, side, request, transaction))
             return
@@ -1054,6 +1387,10 @@ class CallControl:
             self.dialogs.pop((leg.dialog.call_id, leg.dialog.local_tag), None)
         self.metrics.calls_active.dec()
         self.metrics.calls_ended.labels(cause).inc()
+        self._untrack_trunk(call)
+        self._stop_announcement(call)
+        if call.emergency is not None and self.emergency is not None:
+            self.emergency.finished(call.emergency, call, cause)
         stats = None
         if call.media and self.media is not None:
             try:
@@ -1089,6 +1426,36 @@ def _name_addr(display: str | None, uri: str) -> str:
         escaped = display.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}" <{uri}>'
     return f"<{uri}>"
+
+
+def _sdp_of(request: SipRequest) -> bytes:
+    """The SDP of a request: its body, or the application/sdp part of a multipart body
+    (an emergency INVITE carrying the device's own PIDF-LO)."""
+    content_type = (request.header("Content-Type") or "").lower()
+    if not request.body or not content_type.startswith("multipart/"):
+        return request.body
+    try:
+        parts = parse_multipart(request.header("Content-Type") or "", request.body)
+    except Exception:
+        return b""
+    for part in parts:
+        if (part.content_type or "").lower().startswith("application/sdp"):
+            return part.body
+    return b""
+
+
+_HOLD = re.compile(rb"^a=(sendonly|inactive)\s*$|^c=IN IP4 0\.0\.0\.0\s*$", re.M)
+
+
+def _emergency_in_dialog_refusal(request: SipRequest) -> str | None:
+    """Why the caller's in-dialog request is refused during an emergency call: a REFER
+    (transfer away) or an offer putting the PSAP on hold (EM-40)."""
+    if request.method == "REFER":
+        return "Transfer is not allowed during an emergency call"
+    if request.method in ("INVITE", "UPDATE") and request.body and _HOLD.search(
+            _sdp_of(request)):
+        return "Hold is not allowed during an emergency call"
+    return None
 
 
 def _dialled(request: SipRequest) -> str:

@@ -6,7 +6,7 @@ credentials digest authentication needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .auth import StoredCredentials
 from .settings import Settings
@@ -23,6 +23,14 @@ class Device:
     display_name: str | None
     did: str | None
     credentials: StoredCredentials
+    site: str | None = None
+    location: str | None = None
+    mobility: str = "fixed"
+    class_of_service: str = "unrestricted"
+    do_not_disturb: bool = False
+    forward_all: str | None = None
+    speed_dials: dict[str, str] = field(default_factory=dict)
+    account_suspended: bool = False
 
     def __repr__(self) -> str:
         return f"Device({self.account_id}/{self.extension}, user={self.username!r})"
@@ -51,6 +59,14 @@ class DeviceDirectory:
                     display_name=dev.display_name,
                     did=dev.did,
                     credentials=creds,
+                    site=dev.site,
+                    location=dev.location,
+                    mobility=dev.mobility,
+                    class_of_service=dev.class_of_service,
+                    do_not_disturb=dev.do_not_disturb,
+                    forward_all=dev.forward_all,
+                    speed_dials=dict(dev.speed_dials),
+                    account_suspended=account.suspended,
                 )
                 self._by_extension[(account.id, dev.extension)] = device
 

@@ -13,6 +13,7 @@ outside can tell them apart; both count toward bans.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from email.utils import formatdate
 
 import structlog
@@ -25,7 +26,7 @@ from sip.transport import Flow as TransportFlow
 from sip.uri import SipUri, TelUri, parse_uri
 
 from .auth import AuthOutcome, DigestAuthenticator, FailureBan
-from .directory import DeviceDirectory
+from .directory import Device, DeviceDirectory
 from .location import BindingStore, ContactUpdate, Flow, RegistrationRejected
 from .metrics import SwitchMetrics
 from .settings import Registrar as RegistrarSettings
@@ -100,6 +101,9 @@ class Registrar:
         self.bans = bans
         self.metrics = metrics
         self.server_header = server_header
+        # told of every successful registration with contacts (device, source IP): the
+        # emergency layer infers a nomadic device's location from its network
+        self.on_registered: Callable[[Device, str], None] | None = None
 
     def _reply(
         self,
@@ -234,6 +238,11 @@ class Registrar:
             )
             return self._reply(request, exc.status, exc.reason, result="rejected")
 
+        if self.on_registered is not None and result == "ok" and contacts:
+            try:
+                self.on_registered(device, source_ip)
+            except Exception:
+                log.exception("register.hook_failed", aor=aor)
         log.debug(
             "register.ok", aor=aor, source=source_ip, transport=flow.transport,
             bindings=len(bindings), call_id=request.call_id,

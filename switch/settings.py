@@ -416,6 +416,28 @@ class Device(_Model):
     ha1_sha256: SecretStr | None = None
     display_name: str | None = Field(default=None, max_length=100)
     did: str | None = None
+    # emergency location (e911/): the site and location the device is at; a nomadic device
+    # gets its location from the network it registers from (emergency.sites[].networks)
+    site: str | None = None
+    location: str | None = None
+    mobility: Literal["fixed", "nomadic"] = "fixed"
+    # calling features
+    class_of_service: Literal["unrestricted", "internal_only"] = "unrestricted"
+    do_not_disturb: bool = False
+    forward_all: str | None = Field(default=None, min_length=1, max_length=64)
+    speed_dials: dict[str, str] = Field(default_factory=dict, max_length=100)
+
+    @field_validator("speed_dials")
+    @classmethod
+    def _check_speed_dials(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = _Problems()
+        for code, target in value.items():
+            if not re.fullmatch(r"[*#][0-9]{1,4}", str(code)):
+                problems.add((code,), "a speed-dial code is * or # then 1 to 4 digits")
+            elif not isinstance(target, str) or not target.strip():
+                problems.add((code,), "must be a number to dial")
+        problems.raise_if_any()
+        return value
 
     @field_validator("extension", mode="before")
     @classmethod
@@ -500,6 +522,8 @@ class Account(_Model):
     id: str
     name: str | None = Field(default=None, max_length=200)
     main_number: str | None = None
+    # a suspended account's devices still register and make emergency calls, nothing else
+    suspended: bool = False
     devices: list[Device] = Field(default_factory=list)
 
     @field_validator("id", mode="before")
@@ -534,6 +558,146 @@ class Account(_Model):
     @property
     def display_name(self) -> str:
         return self.name or self.id
+
+
+class EmergencyProfileSettings(_Model):
+    """How an emergency call looks on this trunk (e911/profiles.py): ``dlr`` (US dynamic
+    location routing: 911, identity only), ``pidf`` (911 + PIDF-LO by value), ``i3`` (NENA
+    i3: urn:service:sos, PIDF-LO, Route to the ESRP), ``nat`` (EU national: the dialled
+    short number, the site's number as identity)."""
+
+    profile: Literal["dlr", "pidf", "i3", "nat"]
+    esrp_route: str | None = Field(default=None, max_length=500)
+    resource_priority: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+\.[0-9]+$")
+    trusted_esnet: bool = False
+    priority: bool = False
+    geolocation_routing: bool = True
+    send_location: bool | None = None  # default: pidf and i3 send PIDF-LO, dlr and nat not
+    emergency_number: str = Field(default="911", pattern=r"^[0-9]{1,15}$")
+    provider_info_url: str | None = Field(default=None, max_length=500)
+
+
+class EmergencyLocationSettings(_Model):
+    """A location inside a site: the RFC 5139 elements that refine the site's address."""
+
+    id: str
+    BLD: str | None = Field(default=None, max_length=100)
+    FLR: str | None = Field(default=None, max_length=100)
+    UNIT: str | None = Field(default=None, max_length=100)
+    ROOM: str | None = Field(default=None, max_length=100)
+    SEAT: str | None = Field(default=None, max_length=100)
+
+    @field_validator("BLD", "FLR", "UNIT", "ROOM", "SEAT", "id", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        # floors and rooms are often numbers: accept them unquoted
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class EmergencyNetworkSettings(_Model):
+    """A network devices register from: nomadic devices on it are at this location."""
+
+    subnet: str
+    location: str | None = None
+    country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+
+    @field_validator("subnet")
+    @classmethod
+    def _check_subnet(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError as exc:
+            raise ValueError(f"must be an IP network ({exc})") from None
+
+
+class EmergencyNotifySettings(_Model):
+    webhooks: list[str] = Field(default_factory=list, max_length=20)
+    devices: list[str] = Field(default_factory=list, max_length=20)  # security-desk usernames
+
+    @field_validator("webhooks")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        return _webhook_urls(value)
+
+
+def _webhook_urls(value: list[str]) -> list[str]:
+    problems = _Problems()
+    for index, url in enumerate(value):
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(url)):
+            problems.add((index,), "must be an http:// or https:// URL")
+    problems.raise_if_any()
+    return value
+
+
+class EmergencySite(_Model):
+    """A place devices are at: its civic address (RFC 5139 element names), the number
+    that rings back its callers, its ordered emergency routes and who is told on site."""
+
+    id: str
+    country: str = Field(pattern=r"^[A-Z]{2}$")
+    address: dict[str, str]
+    callback_number: str | None = None
+    routes: list[str] = Field(default_factory=list, max_length=10)
+    notify: EmergencyNotifySettings = Field(default_factory=EmergencyNotifySettings)
+    locations: list[EmergencyLocationSettings] = Field(default_factory=list)
+    networks: list[EmergencyNetworkSettings] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        return _identifier(value)
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): (str(v) if isinstance(v, int) else v) for k, v in value.items()}
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: dict[str, str]) -> dict[str, str]:
+        from e911.civic import CivicAddress
+
+        try:
+            CivicAddress.from_elements(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("callback_number", mode="before")
+    @classmethod
+    def _callback_text(cls, value: Any) -> Any:
+        return _require_text(value, f"+{value}")
+
+    @field_validator("callback_number")
+    @classmethod
+    def _check_callback(cls, value: str | None) -> str | None:
+        return None if value is None else _e164(value)
+
+
+class Emergency(_Model):
+    """Emergency calling (e911/): sites and locations, routes, notifications, the audit
+    journal. Emergency calls are never refused by any limit of the switch."""
+
+    journal_dir: Path = Path("var/emergency")
+    numbers_file: Path | None = None  # extra dial strings, same format as e911/data
+    callback_window: int = Field(default=1800, ge=1800, le=7 * 86400)
+    unlocated_devices: Literal["refuse", "allow"] = "refuse"
+    release_ordinary_calls: bool = True
+    route_timeout: float = Field(default=8.0, ge=0.5, le=60)
+    retry_interval: float = Field(default=5.0, ge=0.5, le=300)
+    announcement: Path | None = None  # WAV, 8 kHz mono 16-bit; default: SIT tones
+    admin_webhooks: list[str] = Field(default_factory=list, max_length=20)
+    test_call_notify: Literal["admin", "site"] = "admin"
+    notify_helplines: bool = False
+    default_site: str | None = None
+    sites: list[EmergencySite] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("admin_webhooks")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        return _webhook_urls(value)
 
 
 _TRUNK_TARGET = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/([0-9]{1,15})$")
@@ -575,6 +739,8 @@ class TrunkSettings(_Model):
     accounts: list[str] = Field(default_factory=list)
     number_format: Literal["e164", "e164_without_plus", "national"] = "e164"
     trust_identity: bool = True
+    channels: int | None = Field(default=None, ge=1, le=100_000)  # concurrent calls
+    emergency: EmergencyProfileSettings | None = None
 
     @field_validator("id", "username", "password", "realm", mode="before")
     @classmethod
@@ -750,6 +916,7 @@ class Settings(_Model):
     dialplan: DialPlanSection = Field(default_factory=DialPlanSection)
     accounts: list[Account] = Field(default_factory=list)
     trunks: list[TrunkSettings] = Field(default_factory=list, max_length=100)
+    emergency: Emergency = Field(default_factory=Emergency)
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Settings:
@@ -767,6 +934,10 @@ class Settings(_Model):
                 setattr(self.tls, name, base_dir / value)
         if not self.cdr.directory.is_absolute():
             self.cdr.directory = base_dir / self.cdr.directory
+        for name in ("journal_dir", "numbers_file", "announcement"):
+            value = getattr(self.emergency, name)
+            if value is not None and not value.is_absolute():
+                setattr(self.emergency, name, base_dir / value)
         return self
 
     # ---- conveniences -----------------------------------------------------------------
@@ -937,6 +1108,103 @@ def _cross_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Path_, s
                     numbers[did] = f"{where}.did"
     problems.extend(_dialplan_problems(data))
     problems.extend(_trunk_problems(data))
+    problems.extend(_emergency_problems(data))
+    return problems
+
+
+def _emergency_problems(data: dict[str, Any]) -> list[tuple[Path_, str]]:
+    """Sites name configured trunks and devices; devices name configured sites and
+    locations; no forwarding target or speed dial is an emergency number (EM-06)."""
+    from switch.dialplan import DialPlan
+
+    problems: list[tuple[Path_, str]] = []
+    section = _mapping(data.get("emergency"))
+    trunk_ids = {
+        trunk.get("id") for trunk in map(_mapping, _sequence(data.get("trunks")))
+    }
+    usernames: set[str] = set()
+    for account in map(_mapping, _sequence(data.get("accounts"))):
+        for device in map(_mapping, _sequence(account.get("devices"))):
+            name = device.get("username") or device.get("extension")
+            if isinstance(name, str):
+                usernames.add(name)
+    sites: dict[str, set[str]] = {}
+    for s_index, raw_site in enumerate(_sequence(section.get("sites"))):
+        site = _mapping(raw_site)
+        site_id = site.get("id")
+        here: Path_ = ("emergency", "sites", s_index)
+        if isinstance(site_id, str):
+            if site_id in sites:
+                problems.append(((*here, "id"), f"duplicate site id {site_id!r}"))
+            sites[site_id] = set()
+        location_ids = sites.get(site_id, set()) if isinstance(site_id, str) else set()
+        for l_index, location in enumerate(map(_mapping, _sequence(site.get("locations")))):
+            location_id = location.get("id")
+            if isinstance(location_id, str):
+                if location_id in location_ids:
+                    problems.append(((*here, "locations", l_index, "id"),
+                                     f"duplicate location id {location_id!r}"))
+                location_ids.add(location_id)
+        for r_index, route in enumerate(_sequence(site.get("routes"))):
+            if isinstance(route, str) and route not in trunk_ids:
+                problems.append(((*here, "routes", r_index), f"unknown trunk {route!r}"))
+        for n_index, network in enumerate(map(_mapping, _sequence(site.get("networks")))):
+            location = network.get("location")
+            if isinstance(location, str) and location not in location_ids:
+                problems.append(((*here, "networks", n_index, "location"),
+                                 f"site {site_id!r} has no location {location!r}"))
+        for d_index, username in enumerate(
+            _sequence(_mapping(site.get("notify")).get("devices"))
+        ):
+            if isinstance(username, str) and username not in usernames:
+                problems.append(((*here, "notify", "devices", d_index),
+                                 f"unknown device username {username!r}"))
+    default_site = section.get("default_site")
+    if isinstance(default_site, str) and default_site not in sites:
+        problems.append((("emergency", "default_site"), f"unknown site {default_site!r}"))
+    for t_index, trunk in enumerate(map(_mapping, _sequence(data.get("trunks")))):
+        profile = _mapping(trunk.get("emergency"))
+        if profile.get("resource_priority") and not profile.get("trusted_esnet"):
+            problems.append(((
+                "trunks", t_index, "emergency", "resource_priority"),
+                "Resource-Priority is only sent to a trusted emergency network:"
+                " set trusted_esnet: true or remove it (RFC 7135)"))
+
+    dialplan = _mapping(data.get("dialplan") or {})
+    country = dialplan.get("country", DEFAULT_DIALPLAN_COUNTRY)
+    prefix = dialplan.get("outside_line_prefix")
+    try:
+        plan = DialPlan(str(country).strip().upper(),
+                        prefix if isinstance(prefix, str) else None)
+    except (DialPlanError, ValueError):
+        plan = None
+    for a_index, account in enumerate(map(_mapping, _sequence(data.get("accounts")))):
+        for d_index, device in enumerate(map(_mapping, _sequence(account.get("devices")))):
+            here = ("accounts", a_index, "devices", d_index)
+            site_id, location_id = device.get("site"), device.get("location")
+            if isinstance(site_id, str) and site_id not in sites:
+                problems.append(((*here, "site"), f"unknown emergency site {site_id!r}"))
+            elif isinstance(location_id, str):
+                if not isinstance(site_id, str):
+                    problems.append(((*here, "location"), "a location needs a site"))
+                elif location_id not in sites[site_id]:
+                    problems.append(((*here, "location"),
+                                     f"site {site_id!r} has no location {location_id!r}"))
+            if plan is None:
+                continue
+            targets: list[tuple[Path_, Any]] = [((*here, "forward_all"), device.get("forward_all"))]
+            targets += [((*here, "speed_dials", code), target)
+                        for code, target in _mapping(device.get("speed_dials")).items()]
+            for path, target in targets:
+                if isinstance(target, str) and target.strip():
+                    try:
+                        emergency = plan.classify(target.strip()).is_emergency
+                    except Exception:
+                        emergency = False
+                    if emergency:
+                        problems.append((path, f"{target!r} is an emergency number: emergency"
+                                               " numbers cannot be forwarding targets or"
+                                               " speed dials (dial them directly)"))
     return problems
 
 

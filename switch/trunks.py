@@ -163,6 +163,8 @@ class Trunk:
     number_format: str = "e164"
     trust_identity: bool = True
     country: str = "FR"
+    channels: int | None = None  # concurrent calls the trunk carries (None: no limit)
+    emergency: object | None = None  # the trunk's emergency profile settings, if any
     # runtime state
     resolved_addresses: set[str] = field(default_factory=set, repr=False)
     registration: TrunkRegistration | None = field(default=None, repr=False)
@@ -193,6 +195,8 @@ class Trunk:
             number_format=section.number_format,
             trust_identity=section.trust_identity,
             country=country,
+            channels=section.channels,
+            emergency=section.emergency,
         )
 
     @property
@@ -1258,6 +1262,29 @@ class TrunkRegistry:
             if flow is not None:
                 return flow
         return None
+
+    async def emergency_flow(self, trunk: Trunk) -> tuple[Flow | None, list[str]]:
+        """A flow for an emergency call: the trunk's own targets first; when TLS (or every
+        target) fails, the same hosts over TCP, then UDP (RFC 6881 SP-30: an emergency
+        call falls back rather than fails). Also returns what failed, for the audit."""
+        failures: list[str] = []
+        flow = await self.flow_for(trunk)
+        if flow is not None or self.core is None:
+            return flow, failures
+        targets = await self.resolve(trunk)
+        failures.extend(f"{transport} {address[0]}:{address[1]} unreachable"
+                        for transport, address in targets)
+        for fallback in ("tcp", "udp"):
+            for transport, (host, port) in targets:
+                if transport == fallback:
+                    continue
+                if transport == "tls" and port == 5061:
+                    port = 5060
+                flow = await open_flow(self.core, fallback, (host, port))
+                if flow is not None:
+                    return flow, failures
+                failures.append(f"{fallback} {host}:{port} unreachable")
+        return None, failures
 
     # -- inbound -------------------------------------------------------------------------
     def identify_inbound(self, source: Flow | str) -> Trunk | None:
