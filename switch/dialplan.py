@@ -5,12 +5,16 @@
 four kinds:
 
 ``EMERGENCY``
-    An emergency number of the site's country (libphonenumber's short-number data), 112
-    and 911 everywhere, or a configured extra (France's 114, 115, 116000, 119, 191, 196,
-    197, the US 933 test line, ...); with or without the outside-line prefix (``9911``,
-    ``0112``), with visual separators removed, a ``+`` in front or a ``#`` after; or
-    ``urn:service:sos`` and its sub-services (and ``urn:service:test.sos``). Matching is
-    exact: ``1120`` is not 112. This is the hand-off point to ``e911``.
+    A number of the site's country in the emergency number table
+    (:class:`e911.numbers.EmergencyNumberTable`: the packaged per-country data, an operator
+    file, libphonenumber's short-number data, 112 and 911 everywhere) or a configured
+    extra; with or without the outside-line prefix (``9911``, ``0112``), with visual
+    separators removed, a ``+`` in front or a ``#`` after; or ``urn:service:sos`` and its
+    sub-services (and ``urn:service:test.sos``). Matching is exact: ``1120`` is not 112.
+    ``emergency_class`` tells the call layer which treatment applies: ``emergency`` (a
+    PSAP call), ``test`` (933, ``urn:service:test.sos``: routed like a real call, marked
+    TEST) or ``helpline`` (US 988, France's 119, 116000, ...: never barred, but not sent
+    as ``urn:service:sos``). This is the hand-off point to ``e911``.
 ``INTERNAL``
     A configured extension, matched exactly.
 ``EXTERNAL``
@@ -27,7 +31,9 @@ four kinds:
 Order of the checks, which is the precedence: emergency first, then extensions, then
 public numbers. Extensions never shadow an emergency number: an extension equal to one
 (or to the outside-line prefix followed by one) is refused when the plan is built
-(:class:`DialPlanError`), and by the settings loader at the extension's line.
+(:class:`DialPlanError`), and by the settings loader at the extension's line. When a
+reloaded number table is swapped in (:meth:`DialPlan.with_numbers`), emergency recognition
+still comes first: extensions it shadows are listed in ``shadowed_extensions``, not refused.
 
 Nothing here raises on bad input: :meth:`DialPlan.classify` always returns a
 :class:`Destination`.
@@ -44,6 +50,12 @@ from typing import TYPE_CHECKING
 import phonenumbers
 from phonenumbers import shortnumberinfo
 
+from e911.numbers import (
+    UNIVERSAL_EMERGENCY_NUMBERS,
+    EmergencyNumberTable,
+    NumberClass,
+    default_table,
+)
 from sip.grammar import GrammarError, unescape
 from sip.uri import AbsoluteUri, SipUri, TelUri, Uri, parse_uri
 
@@ -60,10 +72,6 @@ __all__ = [
     "REASON_FEATURE_CODE",
     "REASON_NO_SUCH_EXTENSION",
 ]
-
-UNIVERSAL_EMERGENCY_NUMBERS: frozenset[str] = frozenset({"112", "911"})
-"""Recognised as emergency numbers whatever the site's country (GSM 112, NANP 911):
-travellers and visitors dial them from habit."""
 
 REASON_NO_SUCH_EXTENSION = "no such extension"
 REASON_FEATURE_CODE = "feature codes not supported"
@@ -112,7 +120,8 @@ class Destination:
       ``UNKNOWN_COST``).
     - EMERGENCY: ``emergency_number`` (the short number, prefix removed) for a dialled
       number; ``service_urn`` (lower-cased, e.g. ``urn:service:sos.fire``) for a URN,
-      whose ``emergency_number`` is None (the emergency profile picks the digits).
+      whose ``emergency_number`` is None (the emergency profile picks the digits); and
+      always ``emergency_class``: ``"emergency"``, ``"test"`` or ``"helpline"``.
     - INVALID: ``reason``.
 
     ``dialled`` is always the input as received (a URI is given back in text form).
@@ -128,17 +137,25 @@ class Destination:
     region: str | None = None
     emergency_number: str | None = None
     service_urn: str | None = None
+    emergency_class: str | None = None
     reason: str | None = None
 
     @property
     def is_emergency(self) -> bool:
+        """True for every emergency class (emergency, test, helpline): none of them is
+        ever barred or limited; the call layer picks the treatment by ``emergency_class``."""
         return self.kind is DestinationKind.EMERGENCY
 
     @property
     def is_test_call(self) -> bool:
-        """``urn:service:test.sos`` (RFC 5031 test service): an emergency-classified call
-        that the emergency layer treats as a test, not as a real emergency."""
-        return self.service_urn is not None and self.service_urn.startswith("urn:service:test.")
+        """A test call (933, ``urn:service:test.sos``, RFC 5031 test service): routed like
+        a real emergency call, but marked TEST (EM-07)."""
+        return self.emergency_class == NumberClass.TEST
+
+    @property
+    def is_helpline(self) -> bool:
+        """A protected helpline (EM-08): never barred, not a PSAP call."""
+        return self.emergency_class == NumberClass.HELPLINE
 
     @property
     def is_premium(self) -> bool:
@@ -146,12 +163,18 @@ class Destination:
 
 
 class EmergencyNumbers:
-    """The emergency numbers of one country: libphonenumber's short-number data for it,
-    :data:`UNIVERSAL_EMERGENCY_NUMBERS`, and configured extras. Exact matches only."""
+    """The emergency, test and helpline numbers of one country: those of the number
+    table (``numbers``, by default the packaged one) and configured extras, which are
+    EMERGENCY unless the table gives them another class. Exact matches only."""
 
-    __slots__ = ("country", "extras")
+    __slots__ = ("country", "extras", "numbers")
 
-    def __init__(self, country: str, extras: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        country: str,
+        extras: Iterable[str] = (),
+        numbers: EmergencyNumberTable | None = None,
+    ) -> None:
         self.country = country.upper()
         if self.country not in phonenumbers.SUPPORTED_REGIONS:
             raise DialPlanError([f"unknown country {country!r} (ISO 3166 alpha-2 expected)"])
@@ -164,18 +187,29 @@ class EmergencyNumbers:
         if problems:
             raise DialPlanError(problems)
         self.extras: frozenset[str] = frozenset(extras)
+        self.numbers: EmergencyNumberTable = numbers if numbers is not None else default_table()
+
+    def classify(self, digits: str, also_region: str | None = None) -> NumberClass | None:
+        """The class of ``digits`` (digits only, no prefix) here, or else in
+        ``also_region`` (the country a ``phone-context`` named); None for none."""
+        if not isinstance(digits, str) or not _EMERGENCY_DIGITS.fullmatch(digits):
+            return None
+        found = self.numbers.classify(digits, self.country)
+        if found is None and digits in self.extras:
+            found = NumberClass.EMERGENCY
+        if (
+            found is None
+            and also_region
+            and also_region != self.country
+            and also_region in phonenumbers.SUPPORTED_REGIONS
+        ):
+            found = self.numbers.classify(digits, also_region)
+        return found
 
     def is_emergency(self, digits: str, also_region: str | None = None) -> bool:
-        """True when ``digits`` (digits only, no prefix) is an emergency number here, or
-        in ``also_region`` (the country a ``phone-context`` named)."""
-        if not _EMERGENCY_DIGITS.fullmatch(digits):
-            return False
-        if digits in UNIVERSAL_EMERGENCY_NUMBERS or digits in self.extras:
-            return True
-        regions = {self.country}
-        if also_region and also_region in phonenumbers.SUPPORTED_REGIONS:
-            regions.add(also_region)
-        return any(shortnumberinfo.is_emergency_number(digits, region) for region in regions)
+        """True when ``digits`` (digits only, no prefix) is an emergency, test or helpline
+        number here, or in ``also_region`` (the country a ``phone-context`` named)."""
+        return self.classify(digits, also_region) is not None
 
     def after_prefix(self, digits: str, outside_line_prefix: str | None) -> str | None:
         """The emergency number ``digits`` dials, with or without the outside-line prefix;
@@ -192,7 +226,8 @@ class EmergencyNumbers:
 def extension_conflicts(
     extensions: Iterable[str], emergency: EmergencyNumbers, outside_line_prefix: str | None
 ) -> dict[str, str]:
-    """Extensions that an emergency number would shadow, each with the problem to report."""
+    """Extensions that an emergency, test or helpline number would shadow, each with the
+    problem to report."""
     conflicts: dict[str, str] = {}
     for extension in extensions:
         number = emergency.after_prefix(extension, outside_line_prefix)
@@ -221,9 +256,17 @@ class _DialString:
 
 class DialPlan:
     """Classifies dialled strings for one site (one country, one outside-line prefix,
-    one set of extensions). Immutable; build a new one when the configuration changes."""
+    one set of extensions, one emergency number table). Immutable; build a new one when
+    the configuration changes, or :meth:`with_numbers` after a number table reload."""
 
-    __slots__ = ("country", "outside_line_prefix", "extensions", "emergency", "_lengths")
+    __slots__ = (
+        "country",
+        "outside_line_prefix",
+        "extensions",
+        "emergency",
+        "shadowed_extensions",
+        "_lengths",
+    )
 
     def __init__(
         self,
@@ -231,8 +274,9 @@ class DialPlan:
         outside_line_prefix: str | None = None,
         extensions: Iterable[str] = (),
         extra_emergency_numbers: Iterable[str] = (),
+        numbers: EmergencyNumberTable | None = None,
     ) -> None:
-        self.emergency = EmergencyNumbers(country, extra_emergency_numbers)
+        self.emergency = EmergencyNumbers(country, extra_emergency_numbers, numbers)
         self.country: str = self.emergency.country
         problems: list[str] = []
         if outside_line_prefix is not None and not re.fullmatch(r"[0-9]{1,4}", outside_line_prefix):
@@ -250,16 +294,45 @@ class DialPlan:
         if problems:
             raise DialPlanError(problems)
         self._lengths: frozenset[int] = frozenset(len(e) for e in self.extensions)
+        # Extensions a swapped-in number table shadows (see with_numbers); none here.
+        self.shadowed_extensions: dict[str, str] = {}
 
     @classmethod
-    def from_settings(cls, section: DialPlanSection, extensions: Iterable[str]) -> DialPlan:
+    def from_settings(
+        cls,
+        section: DialPlanSection,
+        extensions: Iterable[str],
+        numbers: EmergencyNumberTable | None = None,
+    ) -> DialPlan:
         """The plan of the ``dialplan:`` settings section for one account's extensions."""
         return cls(
             country=section.country,
             outside_line_prefix=section.outside_line_prefix,
             extensions=extensions,
             extra_emergency_numbers=section.extra_emergency_numbers,
+            numbers=numbers,
         )
+
+    @property
+    def numbers(self) -> EmergencyNumberTable:
+        """The emergency number table in use."""
+        return self.emergency.numbers
+
+    def with_numbers(self, numbers: EmergencyNumberTable) -> DialPlan:
+        """This plan with another number table (after :meth:`EmergencyNumberTable.reload`),
+        without a restart. Never raises: an extension that a new number would shadow
+        stops ringing (emergency recognition comes first) and is listed, with the problem
+        to report, in the new plan's ``shadowed_extensions``."""
+        plan = object.__new__(DialPlan)
+        plan.country = self.country
+        plan.outside_line_prefix = self.outside_line_prefix
+        plan.extensions = self.extensions
+        plan.emergency = EmergencyNumbers(self.country, self.emergency.extras, numbers)
+        plan._lengths = self._lengths
+        plan.shadowed_extensions = extension_conflicts(
+            self.extensions, plan.emergency, self.outside_line_prefix
+        )
+        return plan
 
     # ---- classification ------------------------------------------------------------
 
@@ -306,7 +379,14 @@ class DialPlan:
         match = _SERVICE_URN.fullmatch(uri.rest.strip().lower())
         if match is None:
             return self._invalid(text, "unsupported URN (only urn:service:sos is dialled)")
-        return Destination(DestinationKind.EMERGENCY, text, service_urn=f"urn:{match.group(0)}")
+        test = match.group(1).startswith("test.")
+        number_class = NumberClass.TEST if test else NumberClass.EMERGENCY
+        return Destination(
+            DestinationKind.EMERGENCY,
+            text,
+            service_urn=f"urn:{match.group(0)}",
+            emergency_class=number_class.value,
+        )
 
     def _split_user(self, user: str) -> _DialString | str:
         """The number and its phone-context, or a reason why ``user`` is not dialable."""
@@ -350,7 +430,13 @@ class DialPlan:
 
         emergency = self._emergency_number(number, split.context_region)
         if emergency is not None:
-            return Destination(DestinationKind.EMERGENCY, text, emergency_number=emergency)
+            digits, number_class = emergency
+            return Destination(
+                DestinationKind.EMERGENCY,
+                text,
+                emergency_number=digits,
+                emergency_class=number_class.value,
+            )
         if "*" in number or "#" in number:
             return self._invalid(text, REASON_FEATURE_CODE)
         if number in self.extensions and not split.context_global:
@@ -361,22 +447,29 @@ class DialPlan:
             number, split.context_region or self.country, text, in_context=split.context_global
         )
 
-    def _emergency_number(self, number: str, context_region: str | None) -> str | None:
+    def _emergency_number(
+        self, number: str, context_region: str | None
+    ) -> tuple[str, NumberClass] | None:
+        """The emergency, test or helpline number dialled (prefix and ``+`` removed) and
+        its class, or None."""
         if number.startswith("+"):
             digits = number[1:]
-            if not self.emergency.is_emergency(digits, context_region):
+            found = self.emergency.classify(digits, context_region)
+            if found is None:
                 return None
             # "+911" is no E.164 number; a valid one that happens to match stays a number.
             if self._valid_e164(number) is not None:
                 return None
-            return digits
-        if self.emergency.is_emergency(number, context_region):
-            return number
+            return digits, found
+        found = self.emergency.classify(number, context_region)
+        if found is not None:
+            return number, found
         prefix = self.outside_line_prefix
         if prefix and number.startswith(prefix):
             rest = number[len(prefix) :]
-            if self.emergency.is_emergency(rest, context_region):
-                return rest
+            found = self.emergency.classify(rest, context_region)
+            if found is not None:
+                return rest, found
         return None
 
     @staticmethod

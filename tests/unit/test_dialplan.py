@@ -9,14 +9,17 @@ from typing import Any
 
 import pytest
 
+from e911.numbers import EmergencyNumberTable, NumberClass
 from sip.uri import parse_uri
 from switch.dialplan import (
     REASON_FEATURE_CODE,
     REASON_NO_SUCH_EXTENSION,
+    UNIVERSAL_EMERGENCY_NUMBERS,
     Destination,
     DestinationKind,
     DialPlan,
     DialPlanError,
+    EmergencyNumbers,
 )
 from switch.settings import ConfigError, load_settings_text
 
@@ -43,12 +46,23 @@ def fields(destination: Destination) -> dict[str, Any]:
     }
 
 
-def emergency(number: str) -> tuple[DestinationKind, dict[str, Any]]:
-    return EMERGENCY, {"emergency_number": number}
+def emergency(
+    number: str, emergency_class: str = "emergency"
+) -> tuple[DestinationKind, dict[str, Any]]:
+    return EMERGENCY, {"emergency_number": number, "emergency_class": emergency_class}
+
+
+def helpline(number: str) -> tuple[DestinationKind, dict[str, Any]]:
+    return emergency(number, "helpline")
+
+
+def carrier_test(number: str) -> tuple[DestinationKind, dict[str, Any]]:
+    return emergency(number, "test")
 
 
 def sos(urn: str) -> tuple[DestinationKind, dict[str, Any]]:
-    return EMERGENCY, {"service_urn": urn}
+    emergency_class = "test" if urn.startswith("urn:service:test.") else "emergency"
+    return EMERGENCY, {"service_urn": urn, "emergency_class": emergency_class}
 
 
 def external(e164: str, number_type: str, region: str) -> tuple[DestinationKind, dict[str, Any]]:
@@ -106,14 +120,14 @@ CASES: list[tuple[str, str, tuple[DestinationKind, dict[str, Any]]]] = [
     ("FR", "015", emergency("15")),
     ("FR", "017", emergency("17")),
     ("FR", "018", emergency("18")),
-    ("FR", "114", emergency("114")),
-    ("FR", "115", emergency("115")),
-    ("FR", "119", emergency("119")),
+    ("FR", "114", helpline("114")),
+    ("FR", "115", helpline("115")),
+    ("FR", "119", helpline("119")),
     ("FR", "191", emergency("191")),
     ("FR", "196", emergency("196")),
     ("FR", "197", emergency("197")),
-    ("FR", "116000", emergency("116000")),
-    ("FR", "0116117", emergency("116117")),
+    ("FR", "116000", helpline("116000")),
+    ("FR", "0116117", helpline("116117")),
     ("FR", "911", emergency("911")),  # visitors' habit: 911 everywhere
     ("FR", "sip:112@pbx;user=phone", emergency("112")),
     ("FR", "sip:+112@pbx", emergency("112")),
@@ -148,14 +162,14 @@ CASES: list[tuple[str, str, tuple[DestinationKind, dict[str, Any]]]] = [
     ("US", "+1 212 555 0100", external("+12125550100", "FIXED_LINE_OR_MOBILE", "US")),
     ("US", "9 1 900 555 0100", external("+19005550100", "PREMIUM_RATE", "US")),
     ("US", "9 1 800 555 0100", external("+18005550100", "TOLL_FREE", "US")),
-    ("US", "9988", short("988", "TOLL_FREE", "US")),
+    ("US", "9988", helpline("988")),  # 988 Suicide & Crisis Lifeline: protected (EM-08)
     ("US", "411", invalid(REASON_NO_SUCH_EXTENSION)),
     ("US", "911", emergency("911")),
     ("US", "9911", emergency("911")),
     ("US", "9-911", emergency("911")),
     ("US", "911#", emergency("911")),
-    ("US", "933", emergency("933")),
-    ("US", "9933", emergency("933")),
+    ("US", "933", carrier_test("933")),
+    ("US", "9933", carrier_test("933")),
     ("US", "112", emergency("112")),
     ("US", "sip:911@pbx", emergency("911")),
     ("US", "sip:+911@pbx", emergency("911")),
@@ -383,4 +397,193 @@ def test_settings_refuse_an_extension_that_an_emergency_number_shadows() -> None
         " prefix '9' followed by the emergency number 911: it would never ring, choose another",
         "cfg.yaml:10: accounts[0].devices[2].extension: extension '933' is the emergency number"
         " 933: it would never ring, choose another",
+    ]
+
+
+# ---- the emergency number table (EM-01..EM-04, EM-07, EM-08) --------------------------
+
+# Each EM-04 number of a site, with the outside-line prefix, in every URI form of EM-03.
+URI_FORMS = [
+    "{n}",
+    "{p}{n}",
+    "{p}-{n}",
+    "{n}#",
+    "sip:{n}@pbx",
+    "sip:{p}{n}@pbx",
+    "sip:{n}@pbx;user=phone",
+    "sips:{n}@pbx.example.com;user=phone",
+    "tel:{n}",
+    "tel:{p}{n}",
+    "sip:+{n}@pbx.example.com",
+    "sip:{n};phone-context={ctx}@pbx;user=dialstring",
+    "tel:{n};phone-context={ctx}",
+]
+
+EM_04_SITES: list[tuple[str, str, str, dict[str, str]]] = [
+    ("US", "9", "+1", {"911": "emergency", "112": "emergency", "933": "test", "988": "helpline"}),
+    ("CA", "9", "+1", {"911": "emergency", "112": "emergency", "933": "test"}),
+    ("GB", "9", "+44", {"999": "emergency", "112": "emergency", "911": "emergency"}),
+    (
+        "FR",
+        "0",
+        "+33",
+        {
+            **{n: "emergency" for n in ("15", "17", "18", "112", "191", "196", "197")},
+            **{n: "helpline" for n in ("114", "115", "116000", "116111", "116117", "119")},
+        },
+    ),
+    ("DE", "0", "+49", {"110": "emergency", "112": "emergency"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("country", "prefix", "context", "number", "emergency_class", "form"),
+    [
+        (country, prefix, context, number, emergency_class, form)
+        for country, prefix, context, numbers in EM_04_SITES
+        for number, emergency_class in numbers.items()
+        for form in URI_FORMS
+    ],
+)
+def test_every_em_04_number_in_every_form_with_and_without_the_prefix(
+    country: str, prefix: str, context: str, number: str, emergency_class: str, form: str
+) -> None:
+    # The packaged table alone: no configured extras.
+    plan = DialPlan(country, prefix, {"2000", "2001"})
+    dialled = form.format(n=number, p=prefix, ctx=context)
+    destination = plan.classify(dialled)
+    assert destination.kind is EMERGENCY, dialled
+    assert destination.emergency_number == number
+    assert destination.emergency_class == emergency_class
+    assert destination.is_emergency
+    assert destination.is_test_call is (emergency_class == "test")
+    assert destination.is_helpline is (emergency_class == "helpline")
+
+
+@pytest.mark.parametrize(
+    ("dialled", "urn", "emergency_class"),
+    [
+        ("urn:service:sos", "urn:service:sos", "emergency"),
+        ("urn:service:SOS.Fire", "urn:service:sos.fire", "emergency"),
+        ("URN:SERVICE:SOS.MOUNTAIN", "urn:service:sos.mountain", "emergency"),
+        ("urn:service:test.sos", "urn:service:test.sos", "test"),
+        ("urn:service:Test.SOS.Police", "urn:service:test.sos.police", "test"),
+    ],
+)
+def test_service_urns_carry_their_class(dialled: str, urn: str, emergency_class: str) -> None:
+    destination = PLANS["US"].classify(dialled)
+    assert (destination.kind, destination.service_urn) == (EMERGENCY, urn)
+    assert destination.emergency_number is None
+    assert destination.emergency_class == emergency_class
+    assert destination.is_test_call is (emergency_class == "test")
+    assert not destination.is_helpline
+
+
+def test_non_emergency_destinations_have_no_emergency_class() -> None:
+    plan = PLANS["FR"]
+    for dialled in ("1000", "0 01 23 45 67 89", "0118712", "999", "*72"):
+        destination = plan.classify(dialled)
+        assert destination.emergency_class is None, dialled
+        assert not (destination.is_test_call or destination.is_helpline), dialled
+
+
+def test_test_and_helpline_numbers_are_country_specific() -> None:
+    assert DialPlan("FR", "0").classify("0933").kind is not EMERGENCY
+    assert DialPlan("GB", "9").classify("9988").kind is not EMERGENCY
+    assert DialPlan("CA", "9").classify("9988").kind is not EMERGENCY  # not in EM-04 for CA
+    assert DialPlan("US", "9").classify("9119").kind is not EMERGENCY
+
+
+def test_a_configured_extra_keeps_the_class_the_table_gives_it() -> None:
+    # Older configurations list France's helplines as extra emergency numbers.
+    plan = DialPlan("FR", "0", (), ["119", "3999"])
+    assert plan.classify("119").emergency_class == "helpline"
+    assert plan.classify("03999").emergency_class == "emergency"
+
+
+def test_extensions_cannot_shadow_test_or_helpline_numbers() -> None:
+    with pytest.raises(DialPlanError, match="extension '988' is the emergency number 988"):
+        DialPlan("US", "9", {"988"})
+    with pytest.raises(DialPlanError, match="prefix '9' followed by the emergency number 933"):
+        DialPlan("US", "9", {"9933"})
+    with pytest.raises(DialPlanError, match="extension '119' is the emergency number 119"):
+        DialPlan("FR", None, {"119"})
+    DialPlan("GB", "9", {"988", "933"})  # neither is a number in GB
+
+
+def write_numbers(path: Any, text: str) -> None:
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+
+
+def test_a_number_added_to_the_data_file_is_dialled_after_a_reload(tmp_path: Any) -> None:
+    path = tmp_path / "numbers.yaml"
+    write_numbers(path, 'FR:\n  helpline: ["3114"]\n')
+    table = EmergencyNumberTable.load(path)
+    plan = DialPlan("FR", "0", {"1000", "3020"}, numbers=table)
+    assert plan.numbers is table
+    assert plan.classify("03114").emergency_class == "helpline"
+    assert plan.classify("3020").kind is INTERNAL
+    assert plan.classify("03021").kind is not EMERGENCY
+    # A new number, as after an ARCEP decision; no restart, a new plan swapped in.
+    write_numbers(path, 'FR:\n  helpline: ["3114", "3021"]\n  emergency: ["3020"]\n')
+    reloaded = plan.with_numbers(table.reload())
+    destination = reloaded.classify("sip:03021@pbx;user=phone")
+    assert (destination.kind, destination.emergency_number) == (EMERGENCY, "3021")
+    assert destination.emergency_class == "helpline"
+    # The extension 3020 is now an emergency number: it stops ringing, and is reported.
+    assert reloaded.classify("3020").emergency_class == "emergency"
+    assert reloaded.shadowed_extensions == {
+        "3020": "extension '3020' is the emergency number 3020: it would never ring,"
+        " choose another"
+    }
+    assert reloaded.classify("1000").kind is INTERNAL
+    assert (reloaded.country, reloaded.outside_line_prefix) == ("FR", "0")
+    # The old plan is unchanged.
+    assert plan.classify("03021").kind is not EMERGENCY
+    assert plan.shadowed_extensions == {}
+
+
+def test_the_plan_keeps_its_extras_across_a_table_swap(tmp_path: Any) -> None:
+    path = tmp_path / "numbers.yaml"
+    write_numbers(path, "GB: {}\n")
+    plan = DialPlan("GB", "9", (), ["18000"])
+    swapped = plan.with_numbers(EmergencyNumberTable.load(path))
+    assert swapped.classify("918000").emergency_number == "18000"
+    assert swapped.classify("999").emergency_class == "emergency"
+
+
+def test_from_settings_accepts_a_number_table(tmp_path: Any) -> None:
+    path = tmp_path / "numbers.yaml"
+    write_numbers(path, 'US:\n  helpline: ["211"]\n')
+    settings = load('dialplan: {country: US, outside_line_prefix: "9"}')
+    plan = DialPlan.from_settings(settings.dialplan, ["100"], EmergencyNumberTable.load(path))
+    assert plan.classify("9211").emergency_class == "helpline"
+    assert DialPlan.from_settings(settings.dialplan, ["100"]).classify("9211").kind is EXTERNAL
+
+
+def test_emergency_numbers_keep_their_interface() -> None:
+    numbers = EmergencyNumbers("us", ["12345"])
+    assert numbers.country == "US" and numbers.extras == {"12345"}
+    assert numbers.is_emergency("933") and numbers.is_emergency("988")
+    assert numbers.classify("988") is NumberClass.HELPLINE
+    assert numbers.classify("17", also_region="FR") is NumberClass.EMERGENCY
+    assert numbers.classify("17") is None
+    assert numbers.after_prefix("9933", "9") == "933"
+    assert numbers.after_prefix("99933", "9") is None
+    assert UNIVERSAL_EMERGENCY_NUMBERS == {"112", "911"}
+
+
+def test_settings_refuse_an_extension_equal_to_a_helpline() -> None:
+    errors = load_errors(
+        """\
+        dialplan: {country: US, outside_line_prefix: "9"}
+        accounts:
+          - id: acme
+            devices:
+              - {extension: "988", password: pw}
+        """
+    )
+    assert errors == [
+        "cfg.yaml:5: accounts[0].devices[0].extension: extension '988' is the emergency number"
+        " 988: it would never ring, choose another"
     ]
