@@ -1,5 +1,7 @@
-"""Command line: ``python -m switch run --config FILE``, ``check-config FILE`` and
-``cdr export --config FILE --from DATE --to DATE [--output FILE.csv]``.
+"""Command line: ``python -m switch run --config FILE``, ``check-config FILE``,
+``cdr export --config FILE --from DATE --to DATE [--output FILE.csv]``, and for the
+emergency audit journal (EMERGENCY.md EM-70) ``emergency export --config FILE [--from WHEN]
+[--until WHEN] [--call-id ID] [-o FILE.jsonl]`` and ``emergency verify --config FILE``.
 
 Exit codes: 0 success, 2 unusable configuration (or bad command line), 130 interrupted.
 A configuration problem is printed as ``file:line: key: problem`` lines, never as a
@@ -9,8 +11,10 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from switch.settings import ConfigError, load_settings
 
@@ -66,6 +70,29 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="start_from", required=True, type=_cdr_from, metavar="WHEN")
     export.add_argument("--to", dest="until", required=True, type=_cdr_to, metavar="WHEN")
     export.add_argument("--output", "-o", metavar="FILE", help="CSV file (default: stdout)")
+
+    emergency = commands.add_parser("emergency", help="the emergency call audit journal")
+    emergency_commands = emergency.add_subparsers(
+        dest="emergency_command", metavar="COMMAND", required=True
+    )
+    journal_export = emergency_commands.add_parser(
+        "export",
+        help="write journal entries as JSON lines, as stored (hashes included)",
+        description="Dates (YYYY-MM-DD) or date-times (ISO 8601, UTC unless an offset is "
+        "given). --until is inclusive for a date (the whole day), exclusive for a date-time.",
+    )
+    journal_export.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+    journal_export.add_argument("--from", dest="start_from", type=_cdr_from, metavar="WHEN")
+    journal_export.add_argument("--until", dest="until", type=_cdr_to, metavar="WHEN")
+    journal_export.add_argument("--call-id", dest="call_id", metavar="ID")
+    journal_export.add_argument(
+        "--output", "-o", metavar="FILE", help="JSON lines file (default: stdout)"
+    )
+    journal_verify = emergency_commands.add_parser(
+        "verify",
+        help="check the journal's hash chain; print each problem, exit 1 if there is one",
+    )
+    journal_verify.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
     return parser
 
 
@@ -121,6 +148,83 @@ def _cdr_export(config: str, start_from: float, until: float, output: str | None
     return EXIT_OK
 
 
+def _journal_directory(config: str) -> Path | int:
+    """The emergency journal directory of a configuration, or an exit code."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as error:
+        _print_errors(error)
+        return EXIT_CONFIG
+    directory = getattr(getattr(settings, "emergency", None), "journal_dir", None)
+    if directory is None:  # settings without the emergency section: beside the CDR directory
+        directory = settings.cdr.directory.parent / "emergency"
+    return Path(directory)
+
+
+def _emergency_export(
+    config: str,
+    start_from: float | None,
+    until: float | None,
+    call_id: str | None,
+    output: str | None,
+) -> int:
+    directory = _journal_directory(config)
+    if isinstance(directory, int):
+        return directory
+    if start_from is not None and until is not None and until <= start_from:
+        print("emergency export: --until must be after --from", file=sys.stderr)
+        return EXIT_CONFIG
+    if not directory.is_dir():
+        print(f"emergency export: no emergency journal directory {directory}", file=sys.stderr)
+        return 1
+    import json
+
+    from e911.audit import read_journal
+
+    unreadable: list[str] = []
+    entries = read_journal(
+        directory, call_id=call_id, start=start_from, until=until, on_unreadable=unreadable.append
+    )
+    count = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            out = (
+                sys.stdout
+                if output is None
+                else stack.enter_context(open(output, "w", encoding="utf-8"))
+            )
+            for entry in entries:
+                out.write(json.dumps(entry, separators=(",", ":"), ensure_ascii=True) + "\n")
+                count += 1
+    except OSError as exc:
+        print(f"emergency export: {exc}", file=sys.stderr)
+        return 1
+    for problem in unreadable:
+        print(f"emergency export: skipped {problem}", file=sys.stderr)
+    print(f"emergency export: {count} entries from {directory}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _emergency_verify(config: str) -> int:
+    directory = _journal_directory(config)
+    if isinstance(directory, int):
+        return directory
+    from e911.audit import journal_files, verify
+
+    try:
+        problems = verify(directory)
+    except OSError as exc:
+        problems = [f"{directory}: {exc}"]
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"emergency verify: {len(problems)} problems in {directory}", file=sys.stderr)
+        return 1
+    files = len(journal_files(directory))
+    print(f"emergency verify: {directory}: chain intact ({files} files)", file=sys.stderr)
+    return EXIT_OK
+
+
 def _print_errors(error: ConfigError) -> None:
     for line in error.errors:
         print(line, file=sys.stderr)
@@ -165,4 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config)
     if args.command == "cdr" and args.cdr_command == "export":
         return _cdr_export(args.config, args.start_from, args.until, args.output)
+    if args.command == "emergency" and args.emergency_command == "export":
+        return _emergency_export(
+            args.config, args.start_from, args.until, args.call_id, args.output
+        )
+    if args.command == "emergency" and args.emergency_command == "verify":
+        return _emergency_verify(args.config)
     return EXIT_CONFIG  # unreachable: argparse requires a known command
