@@ -16,6 +16,9 @@ import time
 
 import structlog
 
+from e911.numbers import EmergencyNumberTable, NumberTableError
+from e911.service import EmergencyService
+from media.announcement import AnnouncementSession
 from media.backend import MediaBackend
 from media.relay import RtpRelay
 from media.rtpengine import RtpengineBackend
@@ -68,9 +71,12 @@ class Softswitch:
         self.settings = settings
         self.metrics = metrics or SwitchMetrics()
         self.directory = DeviceDirectory(settings)
+        # Emergency, test and helpline dial strings: the packaged table, the operator's
+        # file (emergency.numbers_file) on top; SIGHUP re-reads them without a restart.
+        self.numbers = EmergencyNumberTable.load(settings.emergency.numbers_file)
         self.dialplans = {
             account.id: DialPlan.from_settings(
-                settings.dialplan, [d.extension for d in account.devices]
+                settings.dialplan, [d.extension for d in account.devices], numbers=self.numbers
             )
             for account in settings.accounts
         }
@@ -129,10 +135,17 @@ class Softswitch:
             dialplan_for=self.dialplan_for, server_header=self.server_header,
             on_call_end=self.record_call,
         )
+        self.emergency = EmergencyService(
+            settings, self.trunks, self.metrics, send_message=self.calls.send_message,
+            announcement_factory=self._announcement_player,
+        )
+        self.calls.emergency = self.emergency
+        self.registrar.on_registered = self._device_registered
         self.ledger, self.billing = ledger_from_settings(settings.cdr)
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
         self.listening: list[tuple[str, str, int]] = []
+        self._messages: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
 
     async def record_call(self, end: CallEnd) -> None:
@@ -182,6 +195,47 @@ class Softswitch:
         )
         await self.ledger.append(record)
 
+    def _device_registered(self, device, source_ip: str) -> None:
+        """Every registration: the emergency layer follows nomadic devices' networks and
+        tells the user (SIP MESSAGE) when their location is unconfirmed or abroad."""
+        message = self.emergency.on_registered(device, source_ip)
+        if message:
+            task = asyncio.get_running_loop().create_task(
+                self.calls.send_message(device.username, message))
+            self._messages.add(task)
+            task.add_done_callback(self._messages.discard)
+
+    def _announcement_player(self):
+        """A player for the "all emergency routes failed" announcement (EM-13)."""
+        media = self.settings.media
+        ports = getattr(self.media, "ports", None)
+        if ports is None:
+            return None
+        return AnnouncementSession(
+            ports=ports, bind_host=media.bind_host,
+            advertise_host=media.advertise_host or media.bind_host,
+            wav=self.settings.emergency.announcement,
+            max_seconds=3600,  # retries go on until the caller hangs up (EM-13)
+        )
+
+    def reload_emergency_numbers(self) -> bool:
+        """Re-read the emergency number files; on a bad file the current table stays
+        (the problem is logged). True when the new table is in use."""
+        try:
+            table = self.numbers.reload()
+        except NumberTableError as exc:
+            log.error("emergency.numbers_reload_failed", problems=exc.problems)
+            return False
+        self.numbers = table
+        for account_id, plan in list(self.dialplans.items()):
+            new_plan = plan.with_numbers(table)
+            for extension, problem in new_plan.shadowed_extensions.items():
+                log.warning("dialplan.extension_shadowed", account=account_id,
+                            extension=extension, problem=problem)
+            self.dialplans[account_id] = new_plan
+        log.info("emergency.numbers_reloaded", sources=[str(p) for p in table.sources])
+        return True
+
     def dialplan_for(self, account_id: str) -> DialPlan:
         return self.dialplans[account_id]
 
@@ -208,6 +262,7 @@ class Softswitch:
             await self.media.start()
         for report in self.ledger.open():
             log.warning("cdr.recovered", report=str(report))
+        self.emergency.open()
         tls_context = None
         if self.settings.tls.certificate and self.settings.tls.private_key:
             tls_context = make_server_ssl_context(
@@ -220,6 +275,7 @@ class Softswitch:
             )
             self.listening.append((entry.transport, host, port))
         self._background.append(asyncio.create_task(self._sweep_expired()))
+        self._background.append(asyncio.create_task(self._emergency_housekeeping()))
         self.trunks.start()
         self.keepalive.listeners = self.listening
         self._background.append(asyncio.create_task(self.keepalive.run()))
@@ -230,6 +286,21 @@ class Softswitch:
             devices=len(self.directory),
             store=self.settings.store.backend,
         )
+
+    async def _emergency_housekeeping(self) -> None:
+        """Hourly: expired callback windows dropped, audit files past the retention
+        pruned (in a worker thread: pruning waits for the journal writer)."""
+        retention = self.settings.emergency.retention_days
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                self.emergency.callbacks.prune()
+                if retention is not None:
+                    pruned = await asyncio.to_thread(self.emergency.journal.prune, retention)
+                    if pruned:
+                        log.info("emergency.journal_pruned", files=[str(p) for p in pruned])
+            except Exception:
+                log.exception("emergency.housekeeping_failed")
 
     async def _sweep_expired(self) -> None:
         while True:
@@ -258,6 +329,7 @@ class Softswitch:
         if self.media is not None:
             await self.media.close()
         await self.ledger.close()
+        await self.emergency.close()
         await self.store.close()
         log.info("switch.stopped")
 
@@ -269,6 +341,8 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, switch.reload_emergency_numbers)
     await switch.start()
     # Everything built at start (settings, device directory, dial plans) lives as long as
     # the process: keep it out of the garbage collector's full passes, whose pauses would

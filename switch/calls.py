@@ -29,7 +29,7 @@ from sip.digest import parse_credentials
 from sip.grammar import GrammarError
 from sip.headers import parse_name_address
 from sip.message import SipRequest, SipResponse, make_response
-from sip.multipart import parse_multipart
+from sip.multipart import BodyPart, build_multipart, parse_multipart
 from sip.transaction import ClientTransaction, ServerTransaction, new_branch
 from sip.transport import Flow
 from sip.uri import SipUri, TelUri
@@ -129,6 +129,7 @@ class Call:
     emergency: object | None = None  # e911.service.EmergencyCall for an emergency call
     a_sdp: bytes = b""  # the SDP of the caller's INVITE (its body may be multipart)
     announcement: object | None = None  # player of the "all routes failed" announcement
+    announced_answer: bytes = b""  # the SDP answer of that 183 (the 200 must repeat it)
     callback: bool = False  # a PSAP calling back (bypasses DND and forwarding)
     forwarded: bool = False
 
@@ -537,6 +538,10 @@ class CallControl:
             if not self._emergency_pending(call):
                 return False
             invite = em.invite_for(ctx, trunk, sdp, default_location=default_location)
+            if invite is None:
+                em.response(ctx, trunk, None, "unreachable: the trunk's profile cannot carry"
+                            " this call")
+                return False
             request = self._emergency_request(call, invite, flow, next(cseq))
             fork = Fork(request, flow, trunk=trunk)
             fork.attempt = asyncio.get_running_loop().create_future()
@@ -589,7 +594,7 @@ class CallControl:
             ("To", invite.to),
             ("Call-ID", call.b_call_id),
             ("CSeq", f"{cseq} INVITE"),
-            ("Contact", self._contact(flow, invite.contact_user)),
+            ("Contact", self._contact(flow, _contact_user(invite.from_uri))),
             ("Allow", ALLOW),
             ("User-Agent", self.server_header),
             *invite.headers,
@@ -607,6 +612,7 @@ class CallControl:
             try:
                 body = await player.start(call.a_sdp)
                 call.announcement = player
+                call.announced_answer = body
             except Exception as exc:
                 log.warning("emergency.announcement_failed", call_id=call.call_id,
                             error=str(exc))
@@ -928,6 +934,13 @@ class CallControl:
             headers.append(("Session-Expires", f"{int(self.session_expires)};refresher=uas"))
             headers.append(("Require", "timer"))
         extra = [("Server", self.server_header), *headers]
+        reoffer = b""
+        if call.announced_answer and body:
+            # The caller already has an answer (the announcement's, in the 183): the 200
+            # repeats it (RFC 3261 §13.2.1) and a re-INVITE then moves the caller's media
+            # to the relay, as a new version of the same session (RFC 3264 §8).
+            reoffer = _next_version(body, call.announced_answer)
+            body = call.announced_answer
         if body:
             extra.append(("Content-Type", "application/sdp"))
         call.ok_response = make_response(call.a_request, 200, "OK", to_tag=call.a_tag,
@@ -938,7 +951,36 @@ class CallControl:
                  caller=call.caller.extension if call.caller else call.caller_number,
                  callee=call.callee.extension if call.callee else None)
         self._spawn(self._retransmit_ok(call))
+        if reoffer:
+            self._spawn(self._reoffer_caller(call, reoffer))
         call.refresh_task = asyncio.get_running_loop().create_task(self._refresh_session(call))
+
+    async def _reoffer_caller(self, call: Call, offer: bytes) -> None:
+        """After the ACK, a re-INVITE that points the caller at the relay instead of the
+        announcement player."""
+        deadline = time.monotonic() + 10
+        while call.state is CallState.ANSWERED and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        leg = call.legs.get("a")
+        if call.state is not CallState.CONFIRMED or leg is None:
+            return
+        request = leg.dialog.create_request(
+            "INVITE", self._sent_by(leg.flow), transport=leg.flow.transport.upper(),
+            extra_headers=[("Contact", self._contact(leg.flow)),
+                           ("Content-Type", "application/sdp")], body=offer)
+        try:
+            response = await self.core.request(request, leg.flow)
+        except RequestTimeout:
+            response = None
+        if response is not None and 200 <= response.status < 300:
+            ack = leg.dialog.create_request("ACK", self._sent_by(leg.flow),
+                                            transport=leg.flow.transport.upper(),
+                                            cseq=request.cseq.seq)
+            self.core.send_stateless(ack, leg.flow)
+            if response.body:
+                leg.sdp = response.body
+        log.info("emergency.caller_reoffered", call_id=call.call_id,
+                 status=response.status if response else None)
 
     async def _retransmit_ok(self, call: Call) -> None:
         """The UAS core retransmits its 2xx until the ACK comes (RFC 3261 §13.3.1.4)."""
@@ -1092,15 +1134,28 @@ class CallControl:
         other_dialog, other_flow = other.dialog, other.flow
         from_tag, to_tag = call.legs[side].media_tag, other.media_tag
         body = request.body
+        content_type = request.header("Content-Type")
+        multipart = (content_type or "").lower().startswith("multipart/")
         is_offer = request.method in ("INVITE", "UPDATE") and bool(body)
         if is_offer and call.media and self.media is not None:
             try:
-                body = await self.media.offer(call.call_id, from_tag, body)
+                if multipart:
+                    # an SDP with other parts (a device's updated PIDF-LO during an
+                    # emergency call, EM-42): only the SDP part is rewritten
+                    content_type, body = await self._offer_multipart(
+                        call, from_tag, content_type or "", body)
+                else:
+                    body = await self.media.offer(call.call_id, from_tag, body)
             except MediaError as exc:
                 self._respond(transaction, request, exc.status, exc.reason)
                 return
         headers = []
-        for name in ("Content-Type", "Info-Package", "Event", "Reason"):
+        if content_type is not None:
+            headers.append(("Content-Type", content_type))
+        for name in ("Info-Package", "Event", "Reason", "Geolocation",
+                     "Geolocation-Routing"):
+            if name.startswith("Geolocation") and call.emergency is None:
+                continue
             value = request.header(name)
             if value is not None:
                 headers.append((name, value))
@@ -1151,6 +1206,20 @@ class CallControl:
         self.core.respond(transaction, resp)
 
 
+    async def _offer_multipart(self, call: Call, from_tag: str, content_type: str,
+                               body: bytes) -> tuple[str, bytes]:
+        try:
+            parts = parse_multipart(content_type, body)
+        except Exception as exc:
+            raise MediaError(str(exc), 400, "Malformed multipart body") from None
+        out = []
+        for part in parts:
+            if (part.content_type or "").lower().startswith("application/sdp"):
+                part = BodyPart(list(part.headers),
+                                await self.media.offer(call.call_id, from_tag, part.body))
+            out.append(part)
+        return build_multipart(out)
+
     # -- blind transfer (REFER, RFC 3515) -------------------------------------------------------
     async def _transfer(self, call: Call, side: str, refer: SipRequest,
                         transaction: ServerTransaction) -> None:
@@ -1168,23 +1237,37 @@ class CallControl:
         transferor = call.caller if side == "a" else call.callee
         kept_side = _OTHER[side]
         kept_device = call.callee if side == "a" else call.caller
-        if transferor is None or kept_device is None:
-            self._respond(transaction, refer, 403, "Transfer not allowed on this call")
-            return
-        destination = self.dialplan_for(transferor.account_id).classify(target.uri)
-        if destination.kind is not DestinationKind.INTERNAL:
-            self._respond(transaction, refer, 403, "Only transfers to extensions are supported")
-            return
-        new_callee = self.directory.device_by_extension(
-            transferor.account_id, destination.extension or ""
-        )
-        bindings = (
-            await self.store.lookup(self.directory.aor(new_callee.username), self.wall_clock())
-            if new_callee is not None else []
-        )
-        if not bindings:
-            self._respond(transaction, refer, 480, "Transfer target is not registered")
-            return
+        psap = call.emergency is not None and side == "b"
+        new_callee = None
+        targets: list[tuple[str, Flow]] = []
+        if psap:
+            # EM-40: the PSAP may transfer the caller (to another centre, an interpreter):
+            # the new leg goes out through the PSAP's own trunk connection
+            if not isinstance(target.uri, SipUri | TelUri):
+                self._respond(transaction, refer, 400, "Refer-To must be a SIP or tel URI")
+                return
+            targets.append((str(target.uri), call.legs["b"].flow))
+        else:
+            if transferor is None or kept_device is None:
+                self._respond(transaction, refer, 403, "Transfer not allowed on this call")
+                return
+            destination = self.dialplan_for(transferor.account_id).classify(target.uri)
+            if destination.kind is not DestinationKind.INTERNAL:
+                self._respond(transaction, refer, 403,
+                              "Only transfers to extensions are supported")
+                return
+            new_callee = self.directory.device_by_extension(
+                transferor.account_id, destination.extension or ""
+            )
+            bindings = (
+                await self.store.lookup(self.directory.aor(new_callee.username),
+                                        self.wall_clock())
+                if new_callee is not None else []
+            )
+            if not bindings:
+                self._respond(transaction, refer, 480, "Transfer target is not registered")
+                return
+            targets = [(binding.contact, contact_flow(binding)) for binding in bindings]
         self._respond(transaction, refer, 202, "Accepted")
         old = call.legs[side]
         self._notify_refer(old, "SIP/2.0 100 Trying", final=False)
@@ -1200,14 +1283,20 @@ class CallControl:
         t_call_id, t_tag = new_call_id(self.directory.realm), new_tag()
         outcome: asyncio.Future = asyncio.get_running_loop().create_future()
         forks: list[Fork] = []
-        for binding in bindings:
-            flow = contact_flow(binding)
-            request = self._invite(
-                binding.contact, flow, body,
-                _name_addr(kept_device.display_name,
-                           f"sip:{kept_device.extension}@{self.directory.realm}"),
-                f"<sip:{new_callee.extension}@{self.directory.realm}>", [], t_call_id, t_tag,
-            )
+        if psap:
+            from_value = _strip_tag(
+                next((v for n, v in call.forks[-1].request.headers if n == "From"), ""))
+            to_value = f"<{targets[0][0]}>"
+            extra = [(n, v) for n, v in call.forks[-1].request.headers
+                     if n == "P-Asserted-Identity"]
+        else:
+            from_value = _name_addr(kept_device.display_name,
+                                    f"sip:{kept_device.extension}@{self.directory.realm}")
+            to_value = f"<sip:{new_callee.extension}@{self.directory.realm}>"
+            extra = []
+        for uri, flow in targets:
+            request = self._invite(uri, flow, body, from_value, to_value, extra, t_call_id,
+                                   t_tag)
             forks.append(Fork(request, flow))
 
         def on_response(fork: Fork, response: SipResponse | None) -> None:
@@ -1264,11 +1353,12 @@ class CallControl:
         self.dialogs[(t_call_id, t_tag)] = (call, side)
         if side == "a":
             call.caller = new_callee
-        else:
+        elif new_callee is not None:
             call.callee = new_callee
         call.transferred = True
-        log.info("call.transferred", call_id=call.call_id, by=transferor.extension,
-                 to=new_callee.extension)
+        log.info("call.transferred", call_id=call.call_id,
+                 by=transferor.extension if transferor else "psap",
+                 to=new_callee.extension if new_callee else targets[0][0])
 
     def _notify_refer(self, leg: Leg, sipfrag: str, *, final: bool) -> None:
         state = "terminated;reason=noresource" if final else "active;expires=60"
@@ -1426,6 +1516,32 @@ def _name_addr(display: str | None, uri: str) -> str:
         escaped = display.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}" <{uri}>'
     return f"<{uri}>"
+
+
+_ORIGIN = re.compile(rb"^o=(\S+) (\S+) (\d+) (.*)$", re.M)
+
+
+def _next_version(sdp: bytes, previous: bytes) -> bytes:
+    """``sdp`` with the origin line of ``previous`` and its version plus one: a new offer
+    in the session that ``previous`` answered (RFC 3264 §8)."""
+    old = _ORIGIN.search(previous)
+    if old is None:
+        return sdp
+    origin = b"o=%s %s %d %s" % (old.group(1), old.group(2), int(old.group(3)) + 1,
+                                 old.group(4).rstrip(b"\r"))
+    return _ORIGIN.sub(lambda _m: origin + (b"\r" if _m.group(0).endswith(b"\r") else b""),
+                       sdp, count=1)
+
+
+def _strip_tag(from_value: str) -> str:
+    """A From header value without its tag parameter."""
+    return re.sub(r";\s*tag=[^;>]*", "", from_value)
+
+
+def _contact_user(uri: str) -> str:
+    """The user part of a SIP URI text (the callback number of an emergency INVITE)."""
+    user = uri.partition(":")[2].partition("@")[0]
+    return user if user and re.fullmatch(r"\+?[0-9A-Za-z._-]+", user) else "switch"
 
 
 def _sdp_of(request: SipRequest) -> bytes:

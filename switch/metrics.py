@@ -126,6 +126,48 @@ class SwitchMetrics:
             ["direction"],
             registry=r,
         )
+        self.emergency_calls = Counter(
+            f"{PREFIX}_emergency_calls",
+            "Emergency, test and helpline calls classified, by class and location status",
+            ["number_class", "location_status"],
+            registry=r,
+        )
+        self.emergency_outcomes = Counter(
+            f"{PREFIX}_emergency_call_outcomes",
+            "Emergency calls ended, by outcome (answered, failed, cancelled)",
+            ["outcome"],
+            registry=r,
+        )
+        self.emergency_route_attempts = Counter(
+            f"{PREFIX}_emergency_route_attempts",
+            "INVITEs sent to emergency routes and how they ended (status code, timeout, "
+            "unreachable)",
+            ["trunk", "result"],
+            registry=r,
+        )
+        self.emergency_preemptions = Counter(
+            f"{PREFIX}_emergency_preemptions",
+            "Ordinary calls released to free a trunk channel for an emergency call",
+            ["trunk"],
+            registry=r,
+        )
+        self.emergency_notifications = Counter(
+            f"{PREFIX}_emergency_notifications",
+            "On-site notification deliveries, by channel and outcome",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.emergency_alarms = Counter(
+            f"{PREFIX}_emergency_alarms",
+            "Emergency alarms and admin alerts raised, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.emergency_readiness_problems = Gauge(
+            f"{PREFIX}_emergency_readiness_problems",
+            "Problems found by the emergency readiness check (0 when ready)",
+            registry=r,
+        )
         self.transactions_active = Gauge(
             f"{PREFIX}_sip_transactions_active",
             "SIP transactions in progress",

@@ -681,6 +681,10 @@ class Emergency(_Model):
     journal. Emergency calls are never refused by any limit of the switch."""
 
     journal_dir: Path = Path("var/emergency")
+    retention_days: int | None = Field(default=None, ge=30, le=36500)  # None: keep all
+    # gp:provided-by of the switch's PIDF-LO (RFC 7852 ProviderInfo, by reference);
+    # default https://<first domain>/emergency/provider-info
+    provider_info_url: str | None = Field(default=None, pattern=r"^https://\S+$")
     numbers_file: Path | None = None  # extra dial strings, same format as e911/data
     callback_window: int = Field(default=1800, ge=1800, le=7 * 86400)
     unlocated_devices: Literal["refuse", "allow"] = "refuse"
@@ -938,6 +942,14 @@ class Settings(_Model):
             value = getattr(self.emergency, name)
             if value is not None and not value.is_absolute():
                 setattr(self.emergency, name, base_dir / value)
+        if self.emergency.numbers_file is not None:
+            from e911.numbers import EmergencyNumberTable, NumberTableError
+
+            try:
+                EmergencyNumberTable.load(self.emergency.numbers_file)
+            except NumberTableError as exc:
+                raise _one_problem(("emergency", "numbers_file"),
+                                   "; ".join(exc.problems)) from None
         return self
 
     # ---- conveniences -----------------------------------------------------------------

@@ -84,6 +84,8 @@ def free_sip_port(
 class SipDevice:
     extension: str
     password: str
+    # more device settings (did, site, location, mobility, do_not_disturb...), as YAML keys
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def numbered(cls, first: int, last: int) -> list[SipDevice]:
@@ -134,9 +136,11 @@ def build_config(
     tls_files: tuple[Path, Path] | None = None,
     log_level: str = "info",
     sections: dict[str, dict[str, Any]] | None = None,
+    account: dict[str, Any] | None = None,
 ) -> str:
     """The YAML text of a switch configuration for a test. ``sections`` adds top-level
-    sections as they are (e.g. ``{"media": {"port_min": 42000}, "calls": {...}}``)."""
+    sections as they are (e.g. ``{"media": {"port_min": 42000}, "calls": {...}}``);
+    ``account`` adds keys to the test account (``main_number``, ``suspended``)."""
     registrar_values = {
         "min_expires": 2,
         "max_expires": 7200,
@@ -184,12 +188,15 @@ def build_config(
         "  format: json",
         "accounts:",
         "  - id: itest",
-        "    devices:",
     ]
+    lines += [f"    {key}: {json.dumps(value)}" for key, value in (account or {}).items()]
+    lines.append("    devices:")
     for device in devices:
+        extra = "".join(f", {key}: {json.dumps(value)}"
+                        for key, value in device.settings.items())
         lines.append(
             f"      - {{extension: {_yaml_string(device.extension)},"
-            f" password: {_yaml_string(device.password)}}}"
+            f" password: {_yaml_string(device.password)}{extra}}}"
         )
     if not devices:
         lines[-1] = "    devices: []"
@@ -329,6 +336,7 @@ def prepare_switch(
     log_level: str = "info",
     domains: Iterable[str] | None = None,
     sections: dict[str, dict[str, Any]] | None = None,
+    account: dict[str, Any] | None = None,
 ) -> SwitchProcess:
     """Writes the configuration (free ports, optional ::1 and TLS) into ``workdir`` and
     returns the not yet started process object."""
@@ -358,6 +366,7 @@ def prepare_switch(
             tls_files=tls_files,
             log_level=log_level,
             sections=sections,
+            account=account,
         ),
         encoding="utf-8",
     )
