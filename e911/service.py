@@ -145,6 +145,22 @@ def devices_from_settings(settings: Settings) -> list[DeviceLocationConfig]:
     ]
 
 
+def readiness_of(settings: Settings) -> list[str]:
+    """What keeps emergency calling from being ready (EM-81): sites without a validated
+    address, route or notification recipient, devices without a location, trunks in
+    routes without an emergency profile. Empty when ready."""
+    section = settings.emergency
+    if not section.sites:
+        return ["no emergency site is configured"]
+    default_site = section.default_site or section.sites[0].id
+    return readiness(
+        sites_from_settings(settings), devices_from_settings(settings),
+        {trunk.id: (trunk.emergency.profile if trunk.emergency else None)
+         for trunk in settings.trunks},
+        default_site_id=default_site,
+    )
+
+
 class EmergencyService:
     def __init__(
         self,
@@ -189,12 +205,7 @@ class EmergencyService:
             on_alarm=self._notification_alarm, admin_webhooks=list(section.admin_webhooks),
         )
         self.profiles = {trunk.id: _profile(trunk.emergency) for trunk in self._all_trunks()}
-        self.problems = readiness(
-            list(self.sites.values()), devices_from_settings(settings),
-            {trunk.id: (trunk.emergency.profile if trunk.emergency else None)
-             for trunk in self._all_trunks()},
-            default_site_id=default_site,
-        ) if section.sites else ["no emergency site is configured"]
+        self.problems = readiness_of(settings)
         metrics.emergency_readiness_problems.set(len(self.problems))
 
     def _all_trunks(self) -> list[Any]:

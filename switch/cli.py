@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         help="check the journal's hash chain; print each problem, exit 1 if there is one",
     )
     journal_verify.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+    ready = emergency_commands.add_parser(
+        "readiness",
+        help="list what keeps emergency calling from being ready (sites, devices, trunks);"
+        " exit 1 if anything does",
+    )
+    ready.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
     return parser
 
 
@@ -232,11 +238,32 @@ def _print_errors(error: ConfigError) -> None:
 
 def _check_config(path: str) -> int:
     try:
-        load_settings(path)
+        settings = load_settings(path)
     except ConfigError as error:
         _print_errors(error)
         return EXIT_CONFIG
+    from e911.service import readiness_of
+
+    for problem in readiness_of(settings):
+        print(f"{path}: warning: emergency: {problem}", file=sys.stderr)
     print(f"{path}: ok")
+    return EXIT_OK
+
+
+def _emergency_readiness(path: str) -> int:
+    try:
+        settings = load_settings(path)
+    except ConfigError as error:
+        _print_errors(error)
+        return EXIT_CONFIG
+    from e911.service import readiness_of
+
+    problems = readiness_of(settings)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print("emergency calling: ready")
     return EXIT_OK
 
 
@@ -275,4 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "emergency" and args.emergency_command == "verify":
         return _emergency_verify(args.config)
+    if args.command == "emergency" and args.emergency_command == "readiness":
+        return _emergency_readiness(args.config)
     return EXIT_CONFIG  # unreachable: argparse requires a known command
