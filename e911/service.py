@@ -407,6 +407,15 @@ class EmergencyService:
             ctx.outcome = "FAILED" if outcome == "failed" else "CANCELLED"
             self._notify(ctx)
 
+    def test_result(self, ctx: EmergencyCall, trunk: Any, status: int | None,
+                    text: bytes) -> None:
+        """The outcome of an on-demand test call (EM-80), with the PSAP's text/plain."""
+        ctx.outcome = "ANSWERED" if status is not None and status < 300 else "FAILED"
+        self.journal.record(ctx.call_id, "test_result", trunk=trunk.id if trunk else None,
+                            status=status, text=text)
+        log.warning("emergency.test_call", call_id=ctx.call_id, trunk=trunk.id if trunk
+                    else None, status=status)
+
     def announcement_player(self) -> Any:
         return self.announcement_factory() if self.announcement_factory else None
 

@@ -276,6 +276,8 @@ class Softswitch:
             self.listening.append((entry.transport, host, port))
         self._background.append(asyncio.create_task(self._sweep_expired()))
         self._background.append(asyncio.create_task(self._emergency_housekeeping()))
+        for test_call in self.settings.emergency.test_calls:
+            self._background.append(asyncio.create_task(self._scheduled_test_calls(test_call)))
         self.trunks.start()
         self.keepalive.listeners = self.listening
         self._background.append(asyncio.create_task(self.keepalive.run()))
@@ -286,6 +288,18 @@ class Softswitch:
             devices=len(self.directory),
             store=self.settings.store.backend,
         )
+
+    async def _scheduled_test_calls(self, schedule) -> None:
+        """Emergency test calls from a device on a schedule (EM-80)."""
+        await asyncio.sleep(schedule.first_after)
+        while True:
+            try:
+                result = await self.calls.place_test_call(
+                    schedule.device, service_urn=schedule.service_urn)
+                log.info("emergency.test_call_done", **result)
+            except Exception:
+                log.exception("emergency.test_call_failed", device=schedule.device)
+            await asyncio.sleep(schedule.every_minutes * 60)
 
     async def _emergency_housekeeping(self) -> None:
         """Hourly: expired callback windows dropped, audit files past the retention

@@ -630,6 +630,85 @@ class CallControl:
             except Exception as exc:
                 log.info("emergency.announcement_stop_failed", error=str(exc))
 
+    async def place_test_call(self, username: str, *, service_urn: bool = False,
+                              hold: float = 3.0) -> dict:
+        """An emergency test call on behalf of a device (EM-80): 933 at US and Canadian
+        sites, else ``urn:service:test.sos``; the same routes, location and callback
+        number as the device's real emergency calls, marked TEST. The switch is the
+        calling party (it offers a receive-only audio stream and listens to nothing);
+        the result, and any text/plain answer of the PSAP, go to the audit journal."""
+        em = self.emergency
+        device = self.directory.device(username)
+        if em is None or device is None:
+            raise ValueError(f"no device {username!r}" if device is None
+                             else "emergency calling is not configured")
+        site = em.locations.resolve(username).site
+        country = site.country if site is not None else em.country
+        dialled = ("urn:service:test.sos" if service_urn or country not in ("US", "CA")
+                   else "933")
+        destination = self.dialplan_for(device.account_id).classify(dialled)
+        call_id = new_call_id(self.directory.realm)
+        fake = SipRequest("INVITE", f"sip:{dialled}@{self.directory.realm}"
+                          if dialled == "933" else dialled,
+                          [("Call-ID", call_id)], b"")
+        holder = Call(call_id=call_id, a_request=fake, a_transaction=None, a_flow=None,
+                      a_tag="", caller=device, account_id=device.account_id,
+                      callee_dialled=dialled, started_at=self.wall_clock())
+        ctx = em.begin(holder, device, destination)
+        result: dict = {"call_id": call_id, "device": username, "dialled": dialled,
+                        "attempts": []}
+        for trunk in em.routes(ctx):
+            flow, _failures = await self.trunks.emergency_flow(trunk)
+            if flow is None:
+                result["attempts"].append({"trunk": trunk.id, "result": "unreachable"})
+                continue
+            host = flow.local[0]
+            sdp = (f"v=0\r\no=- 1 1 IN IP4 {host}\r\ns=test\r\nc=IN IP4 {host}\r\n"
+                   f"t=0 0\r\nm=audio 9 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000"
+                   f"\r\na=recvonly\r\n").encode()
+            invite = em.invite_for(ctx, trunk, sdp)
+            if invite is None:
+                continue
+            tag = new_tag()
+            b_call_id = new_call_id(self.directory.realm)
+            holder.b_call_id, holder.b_tag = b_call_id, tag
+            request = self._emergency_request(holder, invite, flow, 1)
+            em.invite_sent(ctx, trunk, request)
+            try:
+                response = await self.core.request(request, flow)
+            except RequestTimeout:
+                response = None
+            status = response.status if response is not None else None
+            text = b""
+            if response is not None and (response.header("Content-Type") or "").startswith(
+                    "text/plain"):
+                text = response.body
+            result["attempts"].append({"trunk": trunk.id, "result": status})
+            if response is not None and 200 <= response.status < 300:
+                em.answered(ctx, trunk)
+            else:
+                em.response(ctx, trunk, status,
+                            response.reason if response else "no response")
+            if response is not None and 200 <= response.status < 300:
+                holder.answered_at = self.wall_clock()
+                dialog = Dialog.as_uac(request, response)
+                dialog.confirm(response)
+                ack = dialog.create_request("ACK", self._sent_by(flow),
+                                            transport=flow.transport.upper(), cseq=1)
+                self.core.send_stateless(ack, flow)
+                await asyncio.sleep(hold)
+                self._send_in_dialog(dialog, flow, "BYE", None)
+            if status is not None and status < 500:
+                em.test_result(ctx, trunk, status, text)
+                result.update(status=status, trunk=trunk.id,
+                              text=text.decode("utf-8", "replace"))
+                break
+        else:
+            em.test_result(ctx, None, None, b"")
+            result.update(status=None, trunk=None, text="")
+        em.finished(ctx, holder, "test_call")
+        return result
+
     async def send_message(self, username: str, text: str) -> bool:
         """A SIP MESSAGE (RFC 3428) to every registered contact of a device; True when
         one of them accepted it (on-site notifications, location prompts)."""

@@ -676,6 +676,15 @@ class EmergencySite(_Model):
         return None if value is None else _e164(value)
 
 
+class EmergencyTestCall(_Model):
+    """A scheduled emergency test call (933 / urn:service:test.sos) from a device."""
+
+    device: str  # username
+    every_minutes: int = Field(default=7 * 24 * 60, ge=1, le=366 * 24 * 60)
+    first_after: float = Field(default=60.0, ge=0.1, le=366 * 86400)  # seconds after start
+    service_urn: bool = False  # urn:service:test.sos even where 933 exists
+
+
 class Emergency(_Model):
     """Emergency calling (e911/): sites and locations, routes, notifications, the audit
     journal. Emergency calls are never refused by any limit of the switch."""
@@ -696,6 +705,7 @@ class Emergency(_Model):
     test_call_notify: Literal["admin", "site"] = "admin"
     notify_helplines: bool = False
     default_site: str | None = None
+    test_calls: list[EmergencyTestCall] = Field(default_factory=list, max_length=100)
     sites: list[EmergencySite] = Field(default_factory=list, max_length=10_000)
 
     @field_validator("admin_webhooks")
@@ -1171,6 +1181,11 @@ def _emergency_problems(data: dict[str, Any]) -> list[tuple[Path_, str]]:
             if isinstance(username, str) and username not in usernames:
                 problems.append(((*here, "notify", "devices", d_index),
                                  f"unknown device username {username!r}"))
+    for t_index, test_call in enumerate(map(_mapping, _sequence(section.get("test_calls")))):
+        device = test_call.get("device")
+        if isinstance(device, str) and device not in usernames:
+            problems.append((("emergency", "test_calls", t_index, "device"),
+                             f"unknown device username {device!r}"))
     default_site = section.get("default_site")
     if isinstance(default_site, str) and default_site not in sites:
         problems.append((("emergency", "default_site"), f"unknown site {default_site!r}"))
