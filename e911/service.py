@@ -437,6 +437,14 @@ class EmergencyService:
 
     # -- notifications ------------------------------------------------------------------------
     def _notify(self, ctx: EmergencyCall) -> None:
+        """On-site notification of the call's state; never raises (it must never keep
+        an emergency call from going out)."""
+        try:
+            self._send_notification(ctx)
+        except Exception:
+            log.exception("emergency.notify_failed", call_id=ctx.call_id)
+
+    def _send_notification(self, ctx: EmergencyCall) -> None:
         if ctx.number_class == "helpline" and not self.section.notify_helplines:
             return
         site = ctx.site
@@ -448,18 +456,16 @@ class EmergencyService:
         notification = EmergencyNotification(
             call_id=ctx.call_id, dialled=ctx.emergency_number or ctx.service_urn or ctx.dialled,
             number_class=ctx.number_class, time=ctx.started,
-            extension=ctx.device.extension, user=ctx.device.display_name,
+            extension=ctx.device.extension,
+            user=ctx.device.display_name or ctx.device.extension,
             device=ctx.device.username, account=ctx.device.account_id,
-            site=site.id if site else None, callback_number=ctx.callback_number,
+            site=site.id if site else "", callback_number=ctx.callback_number or "",
             location=dict(address.elements()) if address is not None else {},
             location_summary=address.summary() if address is not None else "",
             location_status=str(ctx.location.status), trunk=ctx.trunk_id,
             outcome=ctx.outcome, test=ctx.test,
         )
-        try:
-            self.notifier.notify(notification, recipients=webhooks, devices=devices)
-        except Exception:
-            log.exception("emergency.notify_failed", call_id=ctx.call_id)
+        self.notifier.notify(notification, recipients=webhooks, devices=devices)
 
     def _delivered(self, recipient: str, outcome: str, detail: str) -> None:
         channel = "webhook" if recipient.startswith(("http://", "https://")) else "sip"

@@ -43,7 +43,13 @@ def check_request(
     if request.cseq.method != method:
         return Rejection(400, "CSeq method does not match the request method")
     uri = request.request_uri
-    if isinstance(uri, AbsoluteUri) or uri.scheme not in supported_schemes:
+    if isinstance(uri, AbsoluteUri):
+        # RFC 5031 service URNs (urn:service:sos...) are dialled in INVITEs: the dial
+        # plan recognises them; any other absolute URI is not served
+        if not (method in ("INVITE", "ACK", "CANCEL")
+                and str(uri).lower().startswith("urn:service:")):
+            return Rejection(416, "Unsupported URI Scheme")
+    elif uri.scheme not in supported_schemes:
         return Rejection(416, "Unsupported URI Scheme")
     if method not in ("ACK", "CANCEL"):
         unsupported = [t for t in request.option_tags("Require") if t not in supported_options]

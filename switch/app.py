@@ -18,6 +18,8 @@ import structlog
 
 from e911.numbers import EmergencyNumberTable, NumberTableError
 from e911.service import EmergencyService
+from fairuse.service import FairUseService
+from fairuse.store import create_fairuse_store
 from media.announcement import AnnouncementSession
 from media.backend import MediaBackend
 from media.relay import RtpRelay
@@ -140,6 +142,16 @@ class Softswitch:
             announcement_factory=self._announcement_player,
         )
         self.calls.emergency = self.emergency
+        devices_per_account = {a.id: max(1, len(a.devices)) for a in settings.accounts}
+        self.fairuse = FairUseService(
+            settings.fair_use,
+            create_fairuse_store(settings.store.backend, settings.store.redis_url,
+                                 settings.store.key_prefix, settings.switch.node_id,
+                                 on_state_change=self._fairuse_store_state),
+            country=settings.dialplan.country, metrics=self.metrics,
+            users=lambda account_id: devices_per_account.get(account_id, 1),
+        )
+        self.calls.fairuse = self.fairuse
         self.registrar.on_registered = self._device_registered
         self.ledger, self.billing = ledger_from_settings(settings.cdr)
         self.core.register_handler("REGISTER", self.registrar.handle_register)
@@ -205,6 +217,14 @@ class Softswitch:
             self._messages.add(task)
             task.add_done_callback(self._messages.discard)
 
+    def _fairuse_store_state(self, degraded: bool) -> None:
+        self.metrics.fairuse_store_degraded.set(1 if degraded else 0)
+        if degraded:
+            log.error("fairuse.store_degraded",
+                      detail="Redis unreachable: fair-use counters are local to this node")
+        else:
+            log.info("fairuse.store_recovered")
+
     def _announcement_player(self):
         """A player for the "all emergency routes failed" announcement (EM-13)."""
         media = self.settings.media
@@ -263,6 +283,7 @@ class Softswitch:
         for report in self.ledger.open():
             log.warning("cdr.recovered", report=str(report))
         self.emergency.open()
+        self.fairuse.start()
         tls_context = None
         if self.settings.tls.certificate and self.settings.tls.private_key:
             tls_context = make_server_ssl_context(
@@ -344,6 +365,7 @@ class Softswitch:
             await self.media.close()
         await self.ledger.close()
         await self.emergency.close()
+        await self.fairuse.close()
         await self.store.close()
         log.info("switch.stopped")
 

@@ -42,7 +42,7 @@ from .location import BindingStore
 from .metrics import SwitchMetrics
 from .registrar import contact_flow
 from .signalling import RequestTimeout, SignallingCore
-from .trunks import TrunkRegistry, answer_challenge, from_header, request_uri_for
+from .trunks import TrunkRegistry, answer_challenge, from_header, open_flow, request_uri_for
 
 log = structlog.get_logger("switch.calls")
 
@@ -131,6 +131,8 @@ class Call:
     announcement: object | None = None  # player of the "all routes failed" announcement
     announced_answer: bytes = b""  # the SDP answer of that 183 (the 200 must repeat it)
     callback: bool = False  # a PSAP calling back (bypasses DND and forwarding)
+    duration_timers: list = field(default_factory=list)  # fair-use cut (and its warning)
+    fax: bool = False  # T.38 seen: the fax duration cap applies
     forwarded: bool = False
 
     @property
@@ -185,6 +187,7 @@ class CallControl:
         self.on_call_end = on_call_end
         self.wall_clock = wall_clock
         self.emergency = emergency  # e911.service.EmergencyService (None: plain hand-off)
+        self.fairuse = None  # fairuse.service.FairUseService (None: no fair-use policy)
         self.calls: dict[str, Call] = {}
         # calls carried by each trunk, oldest first (channel limits, emergency preemption)
         self.trunk_calls: dict[str, list[Call]] = {}
@@ -407,6 +410,20 @@ class CallControl:
         if refusal is not None:
             await self._fail(call, 403, refusal, "refused")
             return
+        if self.fairuse is not None and kind in (DestinationKind.INTERNAL,
+                                                 DestinationKind.EXTERNAL):
+            trunk = (self.trunks.for_outbound(caller.account_id, destination)
+                     if kind is DestinationKind.EXTERNAL and self.trunks else None)
+            admission = await self.fairuse.admit(call.call_id, caller.account_id,
+                                                 caller.username, trunk.id if trunk else None,
+                                                 destination)
+            if not admission.allowed:
+                headers = [("Warning", admission.warning_header(self.directory.realm))]
+                if admission.retry_after:
+                    headers.append(("Retry-After", str(admission.retry_after)))
+                await self._fail(call, admission.status or 403, admission.warning,
+                                 "refused", headers=headers)
+                return
         if kind is DestinationKind.INTERNAL:
             callee = self.directory.device_by_extension(caller.account_id,
                                                         destination.extension or "")
@@ -1026,6 +1043,7 @@ class CallControl:
                                          headers=extra, body=body)
         self.core.respond(call.a_transaction, call.ok_response)
         self.metrics.calls_answered.inc()
+        self._schedule_duration_cut(call)
         log.info("call.answered", call_id=call.call_id,
                  caller=call.caller.extension if call.caller else call.caller_number,
                  callee=call.callee.extension if call.callee else None)
@@ -1033,6 +1051,42 @@ class CallControl:
         if reoffer:
             self._spawn(self._reoffer_caller(call, reoffer))
         call.refresh_task = asyncio.get_running_loop().create_task(self._refresh_session(call))
+
+    # -- fair-use duration caps ------------------------------------------------------------
+    def _schedule_duration_cut(self, call: Call) -> None:
+        """End the call at its plan's maximum duration (voice, or fax once T.38 is seen),
+        with a warning to the calling device shortly before."""
+        for handle in call.duration_timers:
+            handle.cancel()
+        call.duration_timers = []
+        limits = self.fairuse.max_duration(call.call_id, fax=call.fax) if self.fairuse else None
+        if limits is None or call.answered_at is None:
+            return
+        cut, warn_before = limits
+        remaining = max(0.0, cut - (self.wall_clock() - call.answered_at))
+        loop = asyncio.get_running_loop()
+        kind = "fax" if call.fax else "voice"
+        call.duration_timers.append(loop.call_later(remaining, self._duration_cut, call, cut,
+                                                    kind))
+        if warn_before and remaining > warn_before:
+            call.duration_timers.append(loop.call_later(
+                remaining - warn_before, self._duration_warning, call, warn_before))
+
+    def _duration_warning(self, call: Call, seconds: int) -> None:
+        log.info("fairuse.duration_warning", call_id=call.call_id, seconds=seconds)
+        if call.caller is not None:
+            self._spawn(self.send_message(
+                call.caller.username,
+                f"Fair use: this call will be ended in {seconds} s (maximum call duration)"))
+
+    def _duration_cut(self, call: Call, cut: int, kind: str) -> None:
+        if call.state not in (CallState.ANSWERED, CallState.CONFIRMED):
+            return
+        self.metrics.fairuse_duration_cuts.labels(kind).inc()
+        log.info("fairuse.duration_cut", call_id=call.call_id, kind=kind, seconds=cut)
+        self._hangup(call, "switch", "duration_limit",
+                     reason=f'SIP;cause=200;text="Fair use: maximum {kind} call duration'
+                            f' ({cut} s) reached"')
 
     async def _reoffer_caller(self, call: Call, offer: bytes) -> None:
         """After the ACK, a re-INVITE that points the caller at the relay instead of the
@@ -1125,11 +1179,12 @@ class CallControl:
             chosen, reason = 480, "Redirection is not supported"
         await self._fail(call, chosen, reason, cause)
 
-    async def _fail(self, call: Call, status: int, reason: str | None, cause: str) -> None:
+    async def _fail(self, call: Call, status: int, reason: str | None, cause: str,
+                    headers=()) -> None:
         if call.state is CallState.ENDED:
             return
         call.final_status = status
-        self._respond(call, call.a_request, status, reason, to_tag=call.a_tag)
+        self._respond(call, call.a_request, status, reason, to_tag=call.a_tag, headers=headers)
         await self._end(call, cause, "switch" if cause != "cancelled" else "caller")
 
     # -- CANCEL and ACK from the caller -------------------------------------------------------
@@ -1216,6 +1271,9 @@ class CallControl:
         content_type = request.header("Content-Type")
         multipart = (content_type or "").lower().startswith("multipart/")
         is_offer = request.method in ("INVITE", "UPDATE") and bool(body)
+        if is_offer and not call.fax and b"m=image" in body and b"t38" in body.lower():
+            call.fax = True  # a fax re-INVITE (T.38): the fax duration cap applies
+            self._schedule_duration_cut(call)
         if is_offer and call.media and self.media is not None:
             try:
                 if multipart:
@@ -1325,7 +1383,16 @@ class CallControl:
             if not isinstance(target.uri, SipUri | TelUri):
                 self._respond(transaction, refer, 400, "Refer-To must be a SIP or tel URI")
                 return
-            targets.append((str(target.uri), call.legs["b"].flow))
+            flow = call.legs["b"].flow
+            host = getattr(target.uri, "host", None)
+            if host and self.trunks is not None:
+                # the Refer-To's own host (another PSAP, an interpreter service); the
+                # PSAP's connection when it names none or cannot be reached
+                port = getattr(target.uri, "port", None) or (
+                    5061 if flow.transport == "tls" else 5060)
+                opened = await open_flow(self.core, flow.transport, (host.strip("[]"), port))
+                flow = opened or flow
+            targets.append((str(target.uri), flow))
         else:
             if transferor is None or kept_device is None:
                 self._respond(transaction, refer, 403, "Transfer not allowed on this call")
@@ -1558,6 +1625,12 @@ class CallControl:
         self.metrics.calls_ended.labels(cause).inc()
         self._untrack_trunk(call)
         self._stop_announcement(call)
+        for handle in call.duration_timers:
+            handle.cancel()
+        if self.fairuse is not None:
+            await self.fairuse.call_ended(
+                call.call_id, start=call.started_at,
+                duration=(call.ended_at - call.answered_at) if call.answered_at else None)
         if call.emergency is not None and self.emergency is not None:
             self.emergency.finished(call.emergency, call, cause)
         stats = None

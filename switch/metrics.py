@@ -163,6 +163,35 @@ class SwitchMetrics:
             ["kind"],
             registry=r,
         )
+        self.fairuse_refusals = Counter(
+            f"{PREFIX}_fairuse_refusals",
+            "Calls refused by fair use, by the limit that refused them",
+            ["limit"],
+            registry=r,
+        )
+        self.fairuse_alerts = Counter(
+            f"{PREFIX}_fairuse_alerts",
+            "Fair-use warning and critical thresholds reached, by limit and level",
+            ["limit", "level"],
+            registry=r,
+        )
+        self.fairuse_leases = Gauge(
+            f"{PREFIX}_fairuse_leases",
+            "Concurrency leases held by this node's calls",
+            registry=r,
+        )
+        self.fairuse_store_degraded = Gauge(
+            f"{PREFIX}_fairuse_store_degraded",
+            "1 while the shared (Redis) fair-use store is unreachable and local counters "
+            "are used",
+            registry=r,
+        )
+        self.fairuse_duration_cuts = Counter(
+            f"{PREFIX}_fairuse_duration_cuts",
+            "Calls ended at their maximum duration, by kind (voice, fax)",
+            ["kind"],
+            registry=r,
+        )
         self.emergency_readiness_problems = Gauge(
             f"{PREFIX}_emergency_readiness_problems",
             "Problems found by the emergency readiness check (0 when ready)",

@@ -35,6 +35,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from fairuse.policy import FairUse
 from switch.dialplan import DialPlanError, EmergencyNumbers, extension_conflicts
 
 __all__ = [
@@ -931,6 +932,7 @@ class Settings(_Model):
     accounts: list[Account] = Field(default_factory=list)
     trunks: list[TrunkSettings] = Field(default_factory=list, max_length=100)
     emergency: Emergency = Field(default_factory=Emergency)
+    fair_use: FairUse = Field(default_factory=FairUse)
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Settings:
@@ -948,6 +950,16 @@ class Settings(_Model):
                 setattr(self.tls, name, base_dir / value)
         if not self.cdr.directory.is_absolute():
             self.cdr.directory = base_dir / self.cdr.directory
+        references = self.fair_use.reference_problems(
+            [account.id for account in self.accounts],
+            [device.username for _, device in self.iter_devices()],
+            [trunk.id for trunk in self.trunks],
+        )
+        if references:
+            problems = _Problems()
+            for path, message in references:
+                problems.add(path, message)
+            problems.raise_if_any()
         for name in ("journal_dir", "numbers_file", "announcement"):
             value = getattr(self.emergency, name)
             if value is not None and not value.is_absolute():
