@@ -641,6 +641,8 @@ class FairUse(_Model):
     """The ``fair_use:`` section."""
 
     enabled: bool = True
+    # concurrency leases lapse this long after their node stops refreshing them (crash)
+    lease_seconds: float = Field(default=60.0, ge=1.0, le=3600.0)
     timezone: str = "UTC"  # local time of the pattern windows
     home_country: str | None = None  # default: dialplan.country (set by the switch)
     default_plan: str | None = None  # default: the first plan

@@ -54,12 +54,14 @@ class FairUseService:
         lease_ttl: float = 60.0,
         users: Callable[[str], int] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        alert_sink: Callable[..., None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.country = country
         self.metrics = metrics
         self.lease_ttl = lease_ttl
+        self.alert_sink = alert_sink  # posts alerts whose actions include "webhook"
         self.users = users or (lambda account_id: 1)
         self.wall_clock = wall_clock
         self.leases: dict[str, _Lease] = {}
@@ -177,6 +179,14 @@ class FairUseService:
             log.warning("fairuse.alert", account=account_id, device=device,
                         limit=alert.limit, level=str(alert.level), value=alert.value,
                         threshold=alert.threshold, message=alert.message)
+            if self.alert_sink is not None and "webhook" in alert.actions:
+                try:
+                    self.alert_sink(f"fairuse_{alert.limit}", alert.message,
+                                    account=account_id, device=device,
+                                    level=str(alert.level), value=alert.value,
+                                    threshold=alert.threshold)
+                except Exception as exc:
+                    log.warning("fairuse.alert_post_failed", error=str(exc))
 
     # -- during and after the call ---------------------------------------------------------
     def max_duration(self, call_id: str, *, fax: bool = False) -> tuple[int, int | None] | None:

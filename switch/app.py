@@ -16,6 +16,7 @@ import time
 
 import structlog
 
+from e911.notify import Notifier
 from e911.numbers import EmergencyNumberTable, NumberTableError
 from e911.service import EmergencyService
 from fairuse.service import FairUseService
@@ -150,6 +151,9 @@ class Softswitch:
                                  on_state_change=self._fairuse_store_state),
             country=settings.dialplan.country, metrics=self.metrics,
             users=lambda account_id: devices_per_account.get(account_id, 1),
+            lease_ttl=settings.fair_use.lease_seconds,
+            alert_sink=Notifier([], admin_webhooks=list(settings.fair_use.webhooks)
+                                ).alert_admins if settings.fair_use.webhooks else None,
         )
         self.calls.fairuse = self.fairuse
         self.registrar.on_registered = self._device_registered
