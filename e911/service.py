@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from sip.multipart import BodyPart
+from sip.multipart import BodyPart, parse_multipart
 
 from .audit import EmergencyJournal
 from .callback import CallbackWindows
@@ -85,6 +85,21 @@ class EmergencyCall:
     outcome: str = "ROUTING"
     trunk_id: str | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _text_parts(message: Any) -> bytes:
+    """The text/plain content of a response: its body, or its text/plain parts."""
+    content_type = (message.header("Content-Type") or "").lower()
+    if content_type.startswith("text/plain"):
+        return message.body
+    if content_type.startswith("multipart/"):
+        try:
+            parts = parse_multipart(message.header("Content-Type") or "", message.body)
+        except Exception:
+            return b""
+        return b"\n".join(p.body for p in parts
+                           if (p.content_type or "").lower().startswith("text/plain"))
+    return b""
 
 
 def _cid(call_id: str) -> str:
@@ -378,10 +393,13 @@ class EmergencyService:
         log.warning("emergency.route_failed", call_id=ctx.call_id, trunk=trunk.id,
                     status=status, reason=reason)
 
-    def answered(self, ctx: EmergencyCall, trunk: Any) -> None:
+    def answered(self, ctx: EmergencyCall, trunk: Any, response: Any = None) -> None:
         self.metrics.emergency_route_attempts.labels(trunk.id, "200").inc()
         ctx.outcome = "ANSWERED"
-        self.journal.record(ctx.call_id, "answered", trunk=trunk.id)
+        text = _text_parts(response) if response is not None else b""
+        self.journal.record(ctx.call_id, "answered", trunk=trunk.id, text=text)
+        if ctx.test and text:  # a PSAP's readback of a test call (RFC 6881 ED-78)
+            self.test_result(ctx, trunk, response.status, text)
         self._notify(ctx)
 
     def preempted(self, ctx: EmergencyCall, trunk: Any, released_call_id: str | None) -> None:

@@ -569,7 +569,6 @@ class CallControl:
             em.invite_sent(ctx, trunk, request)
             outcome = await self._await_attempt(call, fork, em.route_timeout)
             if isinstance(outcome, int) and outcome < 300:
-                em.answered(ctx, trunk)
                 return True
             status = outcome.status if isinstance(outcome, SipResponse) else None
             reason = (outcome.reason if isinstance(outcome, SipResponse)
@@ -934,6 +933,9 @@ class CallControl:
             call.winner = fork
             if fork.attempt is not None and not fork.attempt.done():
                 fork.attempt.set_result(status)
+                if call.emergency is not None and self.emergency is not None:
+                    # journaled before the caller gets the 200 (and can hang up)
+                    self.emergency.answered(call.emergency, fork.trunk, response)
             self._spawn(self._answered(call, fork, response))
             return
         if status in (401, 407) and fork.trunk is not None and not call.cancelled:
@@ -967,7 +969,7 @@ class CallControl:
         self.core.start_request(prack, fork.flow, lambda r: None)
 
     async def _relay_provisional(self, call: Call, fork: Fork, response: SipResponse) -> None:
-        body = response.body
+        body = _sdp_of(response)
         if body and self.media is not None and call.media and fork.remote_tag:
             try:
                 body = await self.media.answer(call.call_id, call.caller_tag,
@@ -988,7 +990,7 @@ class CallControl:
         for other in call.forks:
             if other is not fork and other.final is None:
                 self._cancel_fork(other)
-        body = response.body
+        body = _sdp_of(response)  # a PSAP may add parts (a test call's text readback)
         # Late offer: the caller's INVITE had no SDP, so the callee's 2xx carries the
         # offer; the caller's ACK will carry the answer, which the callee's ACK awaits.
         late_offer = not call.a_request.body and bool(body)
@@ -1696,9 +1698,9 @@ def _contact_user(uri: str) -> str:
     return user if user and re.fullmatch(r"\+?[0-9A-Za-z._-]+", user) else "switch"
 
 
-def _sdp_of(request: SipRequest) -> bytes:
-    """The SDP of a request: its body, or the application/sdp part of a multipart body
-    (an emergency INVITE carrying the device's own PIDF-LO)."""
+def _sdp_of(request: SipRequest | SipResponse) -> bytes:
+    """The SDP of a message: its body, or the application/sdp part of a multipart body
+    (an emergency INVITE carrying the device's own PIDF-LO, a PSAP's answer with text)."""
     content_type = (request.header("Content-Type") or "").lower()
     if not request.body or not content_type.startswith("multipart/"):
         return request.body

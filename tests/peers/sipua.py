@@ -481,6 +481,11 @@ class Call:
 class _Datagrams(asyncio.DatagramProtocol):
     def __init__(self, owner: SipEndpoint) -> None:
         self.owner = owner
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.owner._datagram(data, (addr[0], addr[1]))
@@ -492,6 +497,11 @@ class _Datagrams(asyncio.DatagramProtocol):
 class _RtpCounter(asyncio.DatagramProtocol):
     def __init__(self, owner: SipEndpoint) -> None:
         self.owner = owner
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.owner.rtp_packets += 1
@@ -568,10 +578,19 @@ class SipEndpoint:
                 tx.retransmitter.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        closing = []
         for transport in (self._transport, self._rtp):
             if transport is not None:
                 transport.close()
+                protocol = transport.get_protocol()
+                if isinstance(protocol, _Datagrams | _RtpCounter):
+                    closing.append(protocol.closed)
         self._transport = self._rtp = None
+        if closing:
+            # the socket is released only when the loop has run connection_lost: wait
+            # (bounded), so the same port can be bound again right away
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*closing), 1.0)
 
     async def __aenter__(self) -> SipEndpoint:
         await self.start()
