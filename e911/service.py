@@ -223,6 +223,29 @@ class EmergencyService:
         self.problems = readiness_of(settings)
         metrics.emergency_readiness_problems.set(len(self.problems))
 
+    def reconfigure(self, settings: Settings, trunks: Any) -> None:
+        """A reloaded configuration: sites, devices, routes and profiles replaced; the
+        journal, callback windows and nomadic devices' learned networks kept."""
+        section = settings.emergency
+        sites = {site.id: site for site in sites_from_settings(settings)}
+        default_site = section.default_site or (section.sites[0].id if section.sites else None)
+        self.locations.replace(list(sites.values()), devices_from_settings(settings),
+                               default_site_id=default_site)
+        self.section = section
+        self.sites = sites
+        self.default_site_id = default_site
+        self.trunks = trunks
+        self.country = settings.dialplan.country
+        self.accounts = {account.id: account for account in settings.accounts}
+        self.route_timeout = section.route_timeout
+        self.retry_interval = section.retry_interval
+        self.release_ordinary_calls = section.release_ordinary_calls
+        self.refuses_unlocated = section.unlocated_devices == "refuse" and bool(section.sites)
+        self.profiles = {trunk.id: _profile(trunk.emergency) for trunk in self._all_trunks()}
+        self.notifier.admin_webhooks = list(section.admin_webhooks)
+        self.problems = readiness_of(settings)
+        self.metrics.emergency_readiness_problems.set(len(self.problems))
+
     def _all_trunks(self) -> list[Any]:
         return list(getattr(self.trunks, "trunks", []) or [])
 

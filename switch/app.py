@@ -17,7 +17,7 @@ import time
 import structlog
 
 from e911.notify import Notifier
-from e911.numbers import EmergencyNumberTable, NumberTableError
+from e911.numbers import EmergencyNumberTable
 from e911.service import EmergencyService
 from fairuse.service import FairUseService
 from fairuse.store import create_fairuse_store
@@ -38,8 +38,8 @@ from .keepalive import ContactKeepalive
 from .location import BindingStore, create_store
 from .metrics import SwitchMetrics
 from .registrar import Registrar
+from .settings import ConfigError, Settings, load_settings
 from .settings import Media as MediaSettings
-from .settings import Settings
 from .signalling import SignallingCore
 from .trunks import TrunkRegistry
 
@@ -68,10 +68,11 @@ def create_media_backend(settings: MediaSettings) -> MediaBackend | None:
 
 class Softswitch:
     def __init__(self, settings: Settings, *, metrics: SwitchMetrics | None = None,
-                 timers: TimerSettings | None = None) -> None:
+                 timers: TimerSettings | None = None, config_path: str | None = None) -> None:
         """`timers`: SIP transaction timers (T1, T2, T4); RFC 3261 defaults when None
         (tests shorten them so Timer F expires in seconds)."""
         self.settings = settings
+        self.config_path = config_path  # what reload() reads again
         self.metrics = metrics or SwitchMetrics()
         self.directory = DeviceDirectory(settings)
         # Emergency, test and helpline dial strings: the packaged table, the operator's
@@ -242,23 +243,57 @@ class Softswitch:
             max_seconds=3600,  # retries go on until the caller hangs up (EM-13)
         )
 
-    def reload_emergency_numbers(self) -> bool:
-        """Re-read the emergency number files; on a bad file the current table stays
-        (the problem is logged). True when the new table is in use."""
+    async def reload(self, path: str | None = None) -> tuple[bool, list[str]]:
+        """Apply the configuration file again without dropping registrations or calls.
+        An invalid file changes nothing: its `file:line: key: problem` errors come back.
+        Listen sockets, the binding store, the media backend and the CDR directory are
+        fixed at start: a change to them is reported and needs a restart."""
+        source = path or self.config_path
+        if source is None:
+            return False, ["the switch was not started from a configuration file"]
         try:
-            table = self.numbers.reload()
-        except NumberTableError as exc:
-            log.error("emergency.numbers_reload_failed", problems=exc.problems)
-            return False
-        self.numbers = table
-        for account_id, plan in list(self.dialplans.items()):
-            new_plan = plan.with_numbers(table)
-            for extension, problem in new_plan.shadowed_extensions.items():
-                log.warning("dialplan.extension_shadowed", account=account_id,
-                            extension=extension, problem=problem)
-            self.dialplans[account_id] = new_plan
-        log.info("emergency.numbers_reloaded", sources=[str(p) for p in table.sources])
-        return True
+            new = await asyncio.to_thread(load_settings, source)
+        except ConfigError as error:
+            log.error("switch.reload_refused", errors=error.errors)
+            return False, list(error.errors)
+        old = self.settings
+        restart_needed = [
+            name for name in ("listen", "store", "media", "cdr", "tls")
+            if old.model_dump(include={name}) != new.model_dump(include={name})
+        ]
+        try:
+            numbers = EmergencyNumberTable.load(new.emergency.numbers_file)
+            directory = DeviceDirectory(new)
+            dialplans = {
+                account.id: DialPlan.from_settings(
+                    new.dialplan, [d.extension for d in account.devices], numbers=numbers)
+                for account in new.accounts
+            }
+        except Exception as exc:  # the loader validated it: this is a bug, not bad input
+            log.exception("switch.reload_failed")
+            return False, [f"{source}: reload failed: {exc}"]
+        self.settings = new
+        self.numbers = numbers
+        self.directory = directory
+        self.registrar.directory = directory
+        self.calls.directory = directory
+        self.authenticator.lookup_credentials = directory.credentials
+        self.dialplans = dialplans
+        self.calls.accounts = {account.id: account for account in new.accounts}
+        self.calls.country = new.dialplan.country
+        self.calls.no_answer_timeout = new.calls.no_answer_timeout
+        self.calls.session_expires = new.calls.session_expires
+        old_trunks = self.trunks
+        self.trunks = TrunkRegistry.from_settings(new, self.core)
+        self.calls.trunks = self.trunks
+        self.trunks.start()
+        await old_trunks.stop()
+        self.emergency.reconfigure(new, self.trunks)
+        self.fairuse.settings = new.fair_use
+        self.fairuse.lease_ttl = new.fair_use.lease_seconds
+        log.info("switch.reloaded", source=str(source), devices=len(directory),
+                 restart_needed=restart_needed)
+        return True, [f"{name}: changed, applied at the next restart" for name in restart_needed]
 
     def dialplan_for(self, account_id: str) -> DialPlan:
         return self.dialplans[account_id]
@@ -374,15 +409,22 @@ class Softswitch:
         log.info("switch.stopped")
 
 
-async def serve(settings: Settings) -> None:
-    switch = Softswitch(settings)
+async def serve(settings: Settings, config_path: str | None = None) -> None:
+    switch = Softswitch(settings, config_path=config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        task = loop.create_task(switch.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, switch.reload_emergency_numbers)
+        loop.add_signal_handler(signal.SIGHUP, reload)
     await switch.start()
     # Everything built at start (settings, device directory, dial plans) lives as long as
     # the process: keep it out of the garbage collector's full passes, whose pauses would
@@ -402,16 +444,16 @@ async def serve(settings: Settings) -> None:
         await switch.stop()
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, config_path: str | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # optional: the standard loop works too
         uvloop = None
     try:
         if uvloop is not None:
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, config_path))
         else:
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, config_path))
     except (OSError, LedgerLockedError, ValueError) as exc:
         # e.g. a port in use, a second switch on the same CDR directory, a bad Redis URL
         log.error("switch.start_failed", error=str(exc))

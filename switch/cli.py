@@ -1,7 +1,9 @@
 """Command line: ``python -m switch run --config FILE``, ``check-config FILE``,
 ``cdr export --config FILE --from DATE --to DATE [--output FILE.csv]``, and for the
 emergency audit journal (EMERGENCY.md EM-70) ``emergency export --config FILE [--from WHEN]
-[--until WHEN] [--call-id ID] [-o FILE.jsonl]`` and ``emergency verify --config FILE``.
+[--until WHEN] [--call-id ID] [-o FILE.jsonl]`` and ``emergency verify --config FILE``, and
+for fair use ``usage ACCOUNT [--config FILE] [--month YYYY-MM] [--json]`` (an account's
+concurrent calls, minutes this month per line and pooled, and call-pattern alerts).
 
 Exit codes: 0 success, 2 unusable configuration (or bad command line), 130 interrupted.
 A configuration problem is printed as ``file:line: key: problem`` lines, never as a
@@ -11,12 +13,22 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from switch.settings import ConfigError, load_settings
+
+if TYPE_CHECKING:
+    from fairuse.policy import EffectivePolicy
+    from fairuse.store import PatternCounters, RedisFairUseStore
+    from switch.cdr import CallRecord
+    from switch.settings import Account, Settings
 
 __all__ = ["main"]
 
@@ -99,6 +111,22 @@ def _parser() -> argparse.ArgumentParser:
         " exit 1 if anything does",
     )
     ready.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+
+    usage = commands.add_parser(
+        "usage",
+        help="an account's fair use: concurrent calls, minutes this month, call patterns",
+        description="Concurrent calls come from the shared store (store.backend: redis); "
+        "minutes from Redis, or rebuilt from the CDR ledger when the store is in memory "
+        "or Redis has none for the month; call patterns from Redis or the CDR ledger.",
+    )
+    usage.add_argument("account", metavar="ACCOUNT", help="account id")
+    usage.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+    usage.add_argument(
+        "--month", type=_usage_month, metavar="YYYY-MM",
+        help="month of the minute figures (default: the current month, UTC)",
+    )
+    usage.add_argument("--json", dest="as_json", action="store_true",
+                       help="print one JSON document instead of text")
     return parser
 
 
@@ -281,10 +309,503 @@ def _run(path: str) -> int:
     from switch import app  # imported late: only `run` needs the whole application
 
     try:
-        result = app.run(settings)
+        result = app.run(settings, path)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return result if isinstance(result, int) else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
+# usage: an account's fair-use figures (issue 5)
+# --------------------------------------------------------------------------------------
+
+_USAGE_MONTH = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
+
+# (pattern, label in the text output), in fairuse.patterns.PATTERNS order
+_PATTERN_ROWS = (
+    ("calls_per_second", "calls this second"),
+    ("calls_per_minute", "calls last minute"),
+    ("sequential", "sequential numbers"),
+    ("distinct_per_hour", "distinct numbers, hour"),
+    ("calls_per_day", "calls today"),
+    ("distinct_per_month", "distinct numbers, month"),
+    ("short_calls", "short-call share today"),
+)
+
+
+def _usage_month(text: str) -> str:
+    if not _USAGE_MONTH.match(text):
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {text!r}")
+    return text
+
+
+def _masked_url(url: str) -> str:
+    """A Redis URL with its password (if any) replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _level(value: float | None, warning: float | None, critical: float | None) -> str:
+    if value is None:
+        return "—"
+    if critical is not None and value >= critical:
+        return "critical"
+    if warning is not None and value >= warning:
+        return "warning"
+    return "ok"
+
+
+def _usage(config: str, account_id: str, month: str | None, as_json: bool) -> int:
+    try:
+        settings = load_settings(config)
+    except ConfigError as error:
+        _print_errors(error)
+        return EXIT_CONFIG
+    account = next((a for a in settings.accounts if a.id == account_id), None)
+    if account is None:
+        known = ", ".join(a.id for a in settings.accounts) or "none configured"
+        print(f"usage: unknown account {account_id!r} in {config} (accounts: {known})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    from fairuse.store import month_of
+    from switch.logs import configure_logging
+
+    configure_logging("warning", settings.logging.format)  # stderr: stdout is the report
+    now = time.time()
+    try:
+        report = asyncio.run(_usage_report(settings, account, month or month_of(now), now))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if as_json:
+        import json
+
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(_usage_text(report), end="")
+    return EXIT_OK
+
+
+class _UsageContext:
+    """What the three parts of the usage report share: the account, its policies, the
+    shared store (when reachable) and its outgoing calls in the CDR ledger."""
+
+    def __init__(self, settings: Settings, account: Account, now: float) -> None:
+        self.settings = settings
+        self.account = account
+        self.now = now
+        self.users = max(1, len(account.devices))
+        self.redis: RedisFairUseStore | None = None
+        self._records: dict[str, list[CallRecord] | str] = {}
+        self._classes: dict[tuple[str, str], bool] = {}
+        self._dialplan: Any = None
+
+    def policy(self, device: str | None = None) -> EffectivePolicy:
+        return self.settings.fair_use.resolve(
+            self.account.id, device, None, users=self.users,
+            home_country=self.settings.dialplan.country,
+        )
+
+    async def records(self, month: str) -> list[CallRecord] | str:
+        """The account's outgoing calls started in ``month`` (oldest first), or the reason
+        there are none to read."""
+        if month not in self._records:
+            self._records[month] = await asyncio.to_thread(self._read_records, month)
+        return self._records[month]
+
+    def _read_records(self, month: str) -> list[CallRecord] | str:
+        from fairuse.rebuild import month_range
+        from switch.cdr import CdrLedger
+
+        directory = self.settings.cdr.directory
+        if not directory.is_dir():
+            return f"no CDR ledger at {directory}"
+        start, end = month_range(month)
+        # A record's device is the caller's extension for outgoing calls, the callee's for
+        # calls coming in from a trunk; only outgoing calls are counted by fair use.
+        own = {d.extension: {d.extension, d.did} for d in self.account.devices}
+        found = []
+        try:
+            for record in CdrLedger(directory).read(start, end):
+                if (record.account == self.account.id
+                        and record.caller in own.get(record.device, {record.device})):
+                    found.append(record)
+        except OSError as exc:
+            return f"CDR ledger {directory}: {exc}"
+        found.sort(key=lambda r: r.start)
+        return found
+
+    def counted(self, record: CallRecord, username: str | None) -> bool:
+        """Whether the live switch counts this call's minutes: an external call to a
+        destination class the plan counts (not toll free, shared cost, special ...)."""
+        if record.classification != "external":
+            return False
+        number = record.callee_e164 or record.callee_dialled
+        key = (username or "", number)
+        if key not in self._classes:
+            self._classes[key] = self._classify(number, username)
+        return self._classes[key]
+
+    def _classify(self, number: str, username: str | None) -> bool:
+        from switch.dialplan import DestinationKind, DialPlan, DialPlanError
+
+        if self._dialplan is None:
+            try:
+                self._dialplan = DialPlan.from_settings(
+                    self.settings.dialplan, [d.extension for d in self.account.devices])
+            except DialPlanError:
+                self._dialplan = False
+        if self._dialplan is False:
+            return True
+        destination = self._dialplan.classify(number)
+        if destination.kind is not DestinationKind.EXTERNAL:
+            return True  # the ledger says external: trust it
+        return self.policy(username).destinations.check(destination).counted
+
+
+async def _usage_report(settings: Settings, account: Account, month: str, now: float
+                        ) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    from fairuse.store import RedisFairUseStore
+
+    context = _UsageContext(settings, account, now)
+    base = context.policy()
+    store: dict[str, Any] = {"backend": settings.store.backend}
+    if settings.store.backend == "redis":
+        store["url"] = _masked_url(settings.store.redis_url)
+        try:
+            context.redis = RedisFairUseStore(
+                settings.store.redis_url, settings.store.key_prefix, settings.switch.node_id)
+            await context.redis.ping()
+            store["reachable"] = True
+        except Exception as exc:  # noqa: BLE001 - any failure: report it, use the ledger
+            store.update(reachable=False, error=f"{type(exc).__name__}: {exc}")
+            if context.redis is not None:
+                with contextlib.suppress(Exception):
+                    await context.redis.close()
+            context.redis = None
+    try:
+        report: dict[str, Any] = {
+            "account": account.id,
+            "name": account.name,
+            "plan": base.plan_name,
+            "fair_use_enabled": settings.fair_use.enabled,
+            "at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+            "month": month,
+            "store": store,
+            "concurrency": await _usage_concurrency(context),
+            "minutes": await _usage_minutes(context, month),
+            "patterns": await _usage_patterns(context),
+        }
+    finally:
+        if context.redis is not None:
+            with contextlib.suppress(Exception):
+                await context.redis.close()
+    report["alerts"] = [
+        {"limit": f"quota_{name}", "level": entry["level"],
+         "value": entry["percent"], "threshold": entry["threshold_percent"],
+         "message": f"{entry['label']}: {entry['percent']:.1f} % of the monthly quota used"
+                    + (" — new outgoing calls are refused" if entry["level"] == "critical"
+                       and report["minutes"]["refuse_at_critical"] else "")}
+        for name, entry in _quota_entries(report["minutes"])
+        if entry["level"] in ("warning", "critical")
+    ] + [
+        {"limit": row["limit"], "level": row["level"], "value": row["value"],
+         "threshold": row[row["level"]],
+         "message": f"{row['label']}: {row['value']:g} (the {row['level']} threshold is"
+                    f" {row[row['level']]:g})" + (" — new calls are refused" if row["refuses"]
+                                                    else "")}
+        for row in report["patterns"]["rows"] if row["level"] in ("warning", "critical")
+    ]
+    return report
+
+
+def _quota_entries(minutes: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    entries = [(f"line:{line['device']}", line) for line in minutes["lines"]]
+    entries += [("pool", minutes["pooled"]), ("account", minutes["account"])]
+    return [(name.partition(":")[0], entry) for name, entry in entries]
+
+
+async def _usage_concurrency(context: _UsageContext) -> dict[str, Any]:
+    limits = context.policy().concurrency
+    devices = [(d, context.policy(d.username).concurrency.device)
+               for d in context.account.devices]
+    result: dict[str, Any] = {
+        "source": None,
+        "account": {"active": None, "limit": limits.account},
+        "devices": [{"device": d.username, "extension": d.extension, "active": None,
+                     "limit": limit} for d, limit in devices],
+    }
+    if context.settings.store.backend == "memory":
+        result["note"] = ("store.backend is memory: live concurrency is known only to the"
+                          " running switch process")
+        return result
+    if context.redis is None:
+        result["note"] = "Redis is unreachable: live concurrency is unknown"
+        return result
+    result["source"] = "redis"
+    notes = []
+    try:
+        if limits.account is not None:
+            result["account"]["active"] = await context.redis.active(
+                "account", context.account.id, context.now)
+        else:
+            notes.append("the plan sets no account limit, so calls take no account lease")
+        for entry, (device, limit) in zip(result["devices"], devices, strict=True):
+            if limit is not None:
+                entry["active"] = await context.redis.active(
+                    "device", f"{context.account.id}/{device.username}", context.now)
+        if any(limit is None for _, limit in devices):
+            notes.append("devices without a per-device limit take no device lease")
+    except Exception as exc:  # noqa: BLE001
+        result["source"] = None
+        notes.append(f"Redis failed: {type(exc).__name__}: {exc}")
+    if notes:
+        result["note"] = "; ".join(notes)
+    return result
+
+
+def _quota(used: int, quota_seconds: int | None, policy: EffectivePolicy, label: str,
+           **extra: Any) -> dict[str, Any]:
+    minutes = policy.plan.minutes
+    percent = None if not quota_seconds else round(100.0 * used / quota_seconds, 2)
+    share = None if percent is None else percent / 100.0
+    level = _level(share, minutes.warning, minutes.critical)
+    threshold = minutes.critical if level == "critical" else minutes.warning
+    return {
+        "label": label, "seconds": used, "minutes": round(used / 60.0, 1),
+        "quota_minutes": None if quota_seconds is None else quota_seconds // 60,
+        "percent": percent, "level": level if percent is not None else "—",
+        "threshold_percent": round(threshold * 100, 1), **extra,
+    }
+
+
+async def _usage_minutes(context: _UsageContext, month: str) -> dict[str, Any]:
+    from fairuse.rebuild import tally_minutes
+    from switch.cdr import BillingPolicy
+
+    account, devices = context.account, context.account.devices
+    base = context.policy()
+    plan_minutes = base.plan.minutes
+    source, note = None, None
+    account_seconds = 0
+    line_seconds: dict[str, int] = {}  # by extension
+    if context.redis is not None:
+        try:
+            for device in devices:
+                line, account_seconds = await context.redis.minutes(
+                    account.id, device.username, month)
+                line_seconds[device.extension] = line
+            if account_seconds > 0:
+                source = "redis"
+            else:
+                note = "Redis holds no minutes for this month"
+        except Exception as exc:  # noqa: BLE001
+            note = f"Redis failed: {type(exc).__name__}: {exc}"
+    if source is None:
+        line_seconds, account_seconds = {}, 0
+        records = await context.records(month)
+        if isinstance(records, str):
+            note = "; ".join(filter(None, (note, records)))
+        else:
+            by_extension = {d.extension: d.username for d in devices}
+            counted = [r for r in records if context.counted(r, by_extension.get(r.device))]
+            tally = tally_minutes(counted, month,
+                                  BillingPolicy(plan_minutes.increment, plan_minutes.minimum))
+            account_seconds = tally.accounts.get(account.id, 0)
+            line_seconds = dict(tally.lines.get(account.id, {}))
+        source = "cdr"
+    lines = [
+        _quota(line_seconds.pop(d.extension, 0), context.policy(d.username).line_quota_seconds,
+               base, f"line {d.username}", device=d.username, extension=d.extension)
+        for d in devices
+    ]
+    lines += [  # lines in the ledger that are no longer configured
+        _quota(seconds, base.line_quota_seconds, base, f"line {extension} (not configured)",
+               device=extension, extension=extension)
+        for extension, seconds in sorted(line_seconds.items()) if extension
+    ]
+    result: dict[str, Any] = {
+        "source": source,
+        "increment": plan_minutes.increment,
+        "minimum": plan_minutes.minimum,
+        "refuse_at_critical": plan_minutes.refuse_at_critical,
+        "lines": lines,
+        "pooled": _quota(account_seconds, base.pool_quota_seconds, base, "pooled",
+                         users=base.users, per_user_minutes=plan_minutes.pooled_per_user),
+        "account": _quota(account_seconds, base.account_quota_seconds, base,
+                          "account ceiling"),
+    }
+    if source == "cdr":
+        result["ledger"] = str(context.settings.cdr.directory)
+    if note:
+        result["note"] = note
+    return result
+
+
+async def _usage_patterns(context: _UsageContext) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    from fairuse.patterns import PATTERN_LABELS, sequential_run
+    from fairuse.patterns import PatternCounters as Signals
+    from fairuse.store import MemoryFairUseStore, month_of
+
+    base = context.policy()
+    counters: PatternCounters | None = None
+    source, note = None, None
+    if context.redis is not None:
+        try:
+            counters = await context.redis.pattern_counters(context.account.id, context.now)
+            source = "redis"
+        except Exception as exc:  # noqa: BLE001
+            note = f"Redis failed: {type(exc).__name__}: {exc}"
+    if counters is None:
+        # Replay this month's outgoing external calls: attempts at their start, answered
+        # calls' ends at their end (calls still up are not in the ledger yet).
+        replay = MemoryFairUseStore()
+        records = await context.records(month_of(context.now))
+        if isinstance(records, str):
+            note = "; ".join(filter(None, (note, records)))
+            records = []
+        short_seconds = base.plan.patterns.short_calls.max_seconds
+        events = []
+        for record in records:
+            if record.classification != "external":
+                continue
+            events.append((record.start, 0, record))
+            if record.answer is not None and record.duration > 0:
+                events.append((record.end, 1, record))
+        events.sort(key=lambda event: (event[0], event[1]))
+        for when, kind, record in events:
+            if kind == 0:
+                await replay.record_attempt(
+                    context.account.id, record.callee_e164 or record.callee_dialled, when)
+            else:
+                await replay.record_call_end(context.account.id, record.duration, when,
+                                             short_call_seconds=short_seconds)
+        counters = await replay.pattern_counters(context.account.id, context.now)
+        source = "cdr"
+    at = datetime.fromtimestamp(context.now, UTC)
+    thresholds, window = base.patterns.thresholds_at(at)
+    signals = {s.pattern: s for s in base.patterns.evaluate(Signals.from_store(counters), at)}
+    short_rule = thresholds.short_calls
+    values: dict[str, float | None] = {
+        "calls_per_second": counters.calls_last_second,
+        "calls_per_minute": counters.calls_last_minute,
+        "sequential": sequential_run(counters.recent_numbers, thresholds.sequential.max_step),
+        "distinct_per_hour": counters.distinct_destinations_hour,
+        "calls_per_day": counters.calls_today,
+        "distinct_per_month": counters.distinct_destinations_month,
+        "short_calls": (round(counters.short_calls_share_today, 4)
+                        if counters.ended_calls_today >= short_rule.min_calls else None),
+    }
+    rows = []
+    for pattern, label in _PATTERN_ROWS:
+        rule = getattr(thresholds, pattern)
+        signal = signals.get(pattern)
+        level = signal.level if signal is not None else (
+            "ok" if values[pattern] is not None else "—")
+        rows.append({
+            "pattern": pattern, "limit": PATTERN_LABELS[pattern], "label": label,
+            "value": values[pattern], "warning": rule.warning, "critical": rule.critical,
+            "level": level, "refuses": bool(signal is not None and signal.refuse),
+        })
+    result: dict[str, Any] = {
+        "source": source, "window": window, "rows": rows,
+        "short_calls": {"answered_today": counters.ended_calls_today,
+                        "short_today": counters.short_calls_today,
+                        "max_seconds": short_rule.max_seconds,
+                        "judged_from": short_rule.min_calls},
+    }
+    if note:
+        result["note"] = note
+    return result
+
+
+def _figure(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "—"
+    if percent:
+        return f"{value * 100:.0f} %"
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def _usage_text(report: dict[str, Any]) -> str:
+    out: list[str] = []
+    name = f" ({report['name']})" if report.get("name") else ""
+    out.append(f"Account {report['account']}{name}: plan {report['plan']},"
+               f" {report['at']} UTC")
+    if not report["fair_use_enabled"]:
+        out.append("fair use is disabled (fair_use.enabled: false): nothing is enforced")
+    store = report["store"]
+    if store["backend"] == "redis":
+        state = "reachable" if store.get("reachable") else f"UNREACHABLE ({store.get('error')})"
+        out.append(f"Store: redis {store['url']}, {state}")
+    else:
+        out.append("Store: memory (counters live in the switch process)")
+
+    concurrency = report["concurrency"]
+    out += ["", "Concurrent calls" + (" (from redis)" if concurrency["source"] else "")]
+
+    def calls(entry: dict[str, Any]) -> str:
+        active = "?" if entry["active"] is None else str(entry["active"])
+        limit = "no limit" if entry["limit"] is None else f"limit {entry['limit']}"
+        return f"{active:>6}  ({limit})"
+
+    out.append(f"  {'account':<26}{calls(concurrency['account'])}")
+    for device in concurrency["devices"]:
+        out.append(f"  {'device ' + device['device']:<26}{calls(device)}")
+    if concurrency.get("note"):
+        out.append(f"  note: {concurrency['note']}")
+
+    minutes = report["minutes"]
+    source = ("from redis" if minutes["source"] == "redis"
+              else f"rebuilt from the CDR ledger {minutes.get('ledger', '')}".rstrip())
+    out += ["", f"Minutes {report['month']} (billable: {minutes['increment']} s increments,"
+                f" {minutes['minimum']} s minimum; {source})"]
+
+    def quota(entry: dict[str, Any], extra: str = "") -> str:
+        quota_text = ("no quota" if entry["quota_minutes"] is None
+                      else f"of {entry['quota_minutes']:,}{extra}")
+        percent = "" if entry["percent"] is None else f"  {entry['percent']:5.1f} %"
+        level = "" if entry["level"] in ("ok", "—") else f"  {entry['level'].upper()}"
+        return (f"  {entry['label']:<26}{entry['minutes']:>10,.1f} min {quota_text}"
+                f"{percent}{level}")
+
+    for line in minutes["lines"]:
+        out.append(quota(line))
+    pooled = minutes["pooled"]
+    out.append(quota(pooled, f" ({pooled['per_user_minutes']:,} × {pooled['users']} users)"
+                     if pooled["per_user_minutes"] else ""))
+    out.append(quota(minutes["account"]))
+    if minutes.get("note"):
+        out.append(f"  note: {minutes['note']}")
+
+    patterns = report["patterns"]
+    window = f", window {patterns['window']}" if patterns["window"] else ""
+    origin = "from redis" if patterns["source"] == "redis" else "from the CDR ledger"
+    out += ["", f"Call patterns (now, {origin}{window})",
+            f"  {'':<26}{'value':>8}{'warning':>10}{'critical':>10}  level"]
+    for row in patterns["rows"]:
+        percent = row["pattern"] == "short_calls"
+        out.append(f"  {row['label']:<26}{_figure(row['value'], percent):>8}"
+                   f"{_figure(row['warning'], percent):>10}"
+                   f"{_figure(row['critical'], percent):>10}  {row['level']}")
+    short = patterns["short_calls"]
+    out.append(f"  (short calls: {short['short_today']} of {short['answered_today']} answered"
+               f" today under {short['max_seconds']} s; judged from {short['judged_from']})")
+    if patterns.get("note"):
+        out.append(f"  note: {patterns['note']}")
+
+    out += ["", "Alerts"]
+    out += [f"  {a['level'].upper():<9}{a['message']}" for a in report["alerts"]] or ["  none"]
+    return "\n".join(out) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,4 +825,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _emergency_verify(args.config)
     if args.command == "emergency" and args.emergency_command == "readiness":
         return _emergency_readiness(args.config)
+    if args.command == "usage":
+        return _usage(args.config, args.account, args.month, args.as_json)
     return EXIT_CONFIG  # unreachable: argparse requires a known command
