@@ -232,8 +232,8 @@ class Concurrency(_Model):
 class Duration(_Model):
     """Longest call, in seconds, before the switch ends it with BYE."""
 
-    voice: int = Field(default=6 * 3600, ge=60, le=7 * 86400)
-    fax: int = Field(default=3 * 3600, ge=60, le=7 * 86400)
+    voice: int = Field(default=6 * 3600, ge=1, le=7 * 86400)
+    fax: int = Field(default=3 * 3600, ge=1, le=7 * 86400)
     warning_before: int | None = Field(default=60, ge=1, le=3600)  # None: no warning
 
 

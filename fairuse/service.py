@@ -177,7 +177,7 @@ class FairUseService:
             if self.metrics is not None:
                 self.metrics.fairuse_alerts.labels(alert.limit, str(alert.level)).inc()
             log.warning("fairuse.alert", account=account_id, device=device,
-                        limit=alert.limit, level=str(alert.level), value=alert.value,
+                        limit=alert.limit, alert_level=str(alert.level), value=alert.value,
                         threshold=alert.threshold, message=alert.message)
             if self.alert_sink is not None and "webhook" in alert.actions:
                 try:

@@ -14,6 +14,7 @@ one CDR.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import re
@@ -133,6 +134,8 @@ class Call:
     callback: bool = False  # a PSAP calling back (bypasses DND and forwarding)
     duration_timers: list = field(default_factory=list)  # fair-use cut (and its warning)
     fax: bool = False  # T.38 seen: the fax duration cap applies
+    location_sent_at: float = float("-inf")  # last device location update relayed (EM-42)
+    pending_location: tuple[str, bytes] | None = None  # the latest one held back
     forwarded: bool = False
 
     @property
@@ -1273,6 +1276,19 @@ class CallControl:
         content_type = request.header("Content-Type")
         multipart = (content_type or "").lower().startswith("multipart/")
         is_offer = request.method in ("INVITE", "UPDATE") and bool(body)
+        if (call.emergency is not None and side == "a" and is_offer and multipart
+                and b"application/pidf+xml" in body.lower()):
+            # EM-42: a device's location update goes to the PSAP at most every 10 s; a
+            # newer one arriving sooner is held back and sent when the interval is over
+            now = time.monotonic()
+            if now - call.location_sent_at < LOCATION_UPDATE_INTERVAL:
+                first_held = call.pending_location is None
+                call.pending_location = (content_type or "", body)
+                body, content_type, multipart = _sdp_of(request), "application/sdp", False
+                if first_held:
+                    self._spawn(self._send_held_location(call))
+            else:
+                call.location_sent_at = now
         if is_offer and not call.fax and b"m=image" in body and b"t38" in body.lower():
             call.fax = True  # a fax re-INVITE (T.38): the fax duration cap applies
             self._schedule_duration_cut(call)
@@ -1344,6 +1360,46 @@ class CallControl:
                              headers=[("Server", self.server_header), *extra], body=answer)
         self.core.respond(transaction, resp)
 
+
+    async def _send_held_location(self, call: Call) -> None:
+        """Send the PSAP the latest location update held back by the interval, in a
+        re-INVITE carrying the caller's current SDP (EM-42)."""
+        delay = call.location_sent_at + LOCATION_UPDATE_INTERVAL - time.monotonic()
+        await asyncio.sleep(max(0.0, delay))
+        held, call.pending_location = call.pending_location, None
+        leg_a, leg_b = call.legs.get("a"), call.legs.get("b")
+        if held is None or leg_a is None or leg_b is None or call.state is not (
+                CallState.CONFIRMED):
+            return
+        content_type, body = held
+        try:
+            if call.media and self.media is not None:
+                content_type, body = await self._offer_multipart(
+                    call, leg_a.media_tag, content_type, body)
+        except MediaError as exc:
+            log.info("emergency.location_update_failed", call_id=call.call_id, error=str(exc))
+            return
+        call.location_sent_at = time.monotonic()
+        request = leg_b.dialog.create_request(
+            "INVITE", self._sent_by(leg_b.flow), transport=leg_b.flow.transport.upper(),
+            extra_headers=[("Contact", self._contact(leg_b.flow)),
+                           ("Content-Type", content_type)], body=body)
+        try:
+            response = await self.core.request(request, leg_b.flow)
+        except RequestTimeout:
+            response = None
+        if response is not None and 200 <= response.status < 300:
+            ack = leg_b.dialog.create_request("ACK", self._sent_by(leg_b.flow),
+                                              transport=leg_b.flow.transport.upper(),
+                                              cseq=request.cseq.seq)
+            self.core.send_stateless(ack, leg_b.flow)
+            answer = _sdp_of(response)
+            if answer and call.media and self.media is not None:
+                with contextlib.suppress(MediaError):
+                    await self.media.answer(call.call_id, leg_a.media_tag, leg_b.media_tag,
+                                            answer)
+        log.info("emergency.location_update_sent", call_id=call.call_id,
+                 status=response.status if response else None)
 
     async def _offer_multipart(self, call: Call, from_tag: str, content_type: str,
                                body: bytes) -> tuple[str, bytes]:
@@ -1663,6 +1719,7 @@ class CallControl:
 
 
 _OTHER = {"a": "b", "b": "a"}
+LOCATION_UPDATE_INTERVAL = 10.0  # seconds between location updates to a PSAP (EM-42)
 
 
 def _name_addr(display: str | None, uri: str) -> str:
