@@ -1,9 +1,11 @@
-"""An emergency trunk reachable only over UDP while configured for TLS: the call falls
-back at once (RFC 6881 SP-30, EMERGENCY.md EM-30) and the audit journal records the
-failed transports; the same trunk for an ordinary call just fails."""
+"""Emergency calls when things go wrong around them: a trunk reachable only over UDP
+while configured for TLS (the call falls back at once, RFC 6881 SP-30, EMERGENCY.md
+EM-30, and the journal records the failed transports; an ordinary call just fails), and
+a device sending location updates faster than a PSAP should get them (EM-42)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,9 @@ from etrunk import TRUNK_HOST, EmergencyTrunkUAS  # noqa: E402
 from sipua import SipUA  # noqa: E402
 
 from e911.audit import read_journal  # noqa: E402
+from e911.civic import CivicAddress  # noqa: E402
+from e911.pidf import build_pidf  # noqa: E402
+from sip.multipart import BodyPart, build_multipart  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -64,3 +69,64 @@ async def test_tls_failure_falls_back_to_udp_for_an_emergency_call(tmp_path: Pat
                 and "tls" in str(e["fields"].get("reason", ""))]
     assert failures, [e["event"] for e in entries]
     assert any(e["event"] == "answered" for e in entries)
+
+
+def _location_update(sdp: bytes, room: str) -> tuple[str, bytes]:
+    """A re-INVITE body with the device's SDP and its own PIDF-LO naming ``room``."""
+    civic = CivicAddress.from_elements({"country": "FR", "A1": "69", "A3": "Lyon",
+                                        "RD": "Rue de la République", "HNO": "10",
+                                        "PC": "69002", "ROOM": room})
+    pidf = build_pidf(civic, entity="sip:101@127.0.0.1", device_id="101",
+                      timestamp=time.time(), method="Manual")
+    return build_multipart([
+        BodyPart([("Content-Type", "application/sdp")], sdp),
+        BodyPart([("Content-Type", "application/pidf+xml"),
+                  ("Content-ID", f"<dev-{room}@127.0.0.1>")], pidf),
+    ])
+
+
+async def test_location_updates_reach_the_psap_at_most_every_ten_seconds(
+    tmp_path: Path,
+) -> None:
+    """EM-42: three updates in a few seconds: the first at once, the latest ~10 s later."""
+    port = free_port("udp", TRUNK_HOST)
+    sections = {
+        "media": {"backend": "none"},
+        "dialplan": {"country": "FR"},
+        "trunks": [{"id": "pidf", "kind": "peer", "host": TRUNK_HOST, "port": port,
+                    "transport": "udp", "addresses": [f"{TRUNK_HOST}/32"],
+                    "emergency": {"profile": "pidf"}}],
+        "emergency": {"sites": [{
+            "id": "lyon", "country": "FR",
+            "address": {"country": "FR", "A1": "69", "A3": "Lyon",
+                        "RD": "Rue de la République", "HNO": "10", "PC": "69002"},
+            "routes": ["pidf"], "locations": [{"id": "b312", "FLR": "3"}]}]},
+    }  # fmt: skip
+    process = prepare_switch(tmp_path, [ALICE], tcp=False, sections=sections)
+    process.start()
+    try:
+        async with EmergencyTrunkUAS([200], port=port) as trunk, \
+                SipUA(ALICE.extension, ALICE.password, process.address()) as alice:
+            assert (await alice.register(expires=60)).status == 200
+            call = await alice.invite("112", timeout=10)
+            assert call.status == 200, call.final
+            sdp = call.local_sdp
+            for room in ("Lab-1", "Lab-2", "Lab-3"):
+                content_type, body = _location_update(sdp, room)
+                response = await call.reinvite(body, content_type=content_type)
+                assert response is not None and response.status == 200, response
+                await asyncio.sleep(1.5)
+            deadline = time.monotonic() + 14
+            with_location: list = []
+            while time.monotonic() < deadline and len(with_location) < 2:
+                with_location = [r for r in trunk.reinvites if b"pidf+xml" in r[1]]
+                await asyncio.sleep(0.2)
+            assert len(with_location) == 2, [r[1][:200] for r in trunk.reinvites]
+            first, latest = with_location
+            assert b"Lab-1" in first[1] and b"Lab-3" in latest[1]
+            assert 9.0 <= latest[0] - first[0] <= 12.0, latest[0] - first[0]
+            # the updates in between reached the PSAP as SDP only
+            assert len(trunk.reinvites) == 4
+            await call.bye()
+    finally:
+        process.stop()

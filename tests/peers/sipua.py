@@ -402,7 +402,7 @@ class Call:
 
     async def reinvite(
         self, sdp: bytes | None = DEFAULT_SDP, *, headers: Iterable[tuple[str, str]] = (),
-        timeout: float = 5.0,
+        timeout: float = 5.0, content_type: str | None = None,
     ) -> SipResponse | None:  # fmt: skip
         """A re-INVITE (hold: pass an ``a=sendonly`` offer, e.g. ``offer_sdp(...,
         direction="sendonly")``); the final response, ACKed (2xx and non-2xx)."""
@@ -412,8 +412,8 @@ class Call:
             sdp = self.endpoint.default_offer(version=self._sdp_version)
         body = sdp or b""
         extra = [("Contact", self.endpoint.contact), ("Allow", ALLOW), *headers]
-        if body:
-            extra.append(("Content-Type", "application/sdp"))
+        if body:  # ``content_type``: another body than SDP (multipart with a PIDF-LO)
+            extra.append(("Content-Type", content_type or "application/sdp"))
         request = dialog.create_request(
             "INVITE", self.endpoint.via_sent_by, extra_headers=extra, body=body
         )
