@@ -332,6 +332,7 @@ class EmergencyService:
             callback_number=callback_number, location=dict(location.address.elements())
             if location.address is not None else {},
             location_status=str(location.status), location_note=location.note,
+            foreign_country=location.foreign_country,
             device_locations=[part.body for part in device_parts],
         )
         log.warning("emergency.call", call_id=call.call_id, number_class=number_class,
@@ -456,6 +457,11 @@ class EmergencyService:
                             status=status, text=text)
         log.warning("emergency.test_call", call_id=ctx.call_id, trunk=trunk.id if trunk
                     else None, status=status)
+
+    def announce_first(self, ctx: EmergencyCall) -> bool:
+        """Whether the caller hears the announcement before routing (EM-53 policy b)."""
+        return (self.section.foreign_policy == "announce_and_route"
+                and ctx.location.foreign_country is not None)
 
     def announcement_player(self) -> Any:
         return self.announcement_factory() if self.announcement_factory else None

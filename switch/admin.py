@@ -36,7 +36,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import structlog
 from aiohttp import web
@@ -56,7 +56,7 @@ from e911.service import readiness_of
 from fairuse.policy import AccountFairUse, BlacklistExceptions, FairUse
 from fairuse.store import month_of
 
-from .openapi import openapi_document
+from .openapi import COUNTRY, E164_PREFIX, SIP_USERNAME, openapi_document
 
 if TYPE_CHECKING:
     from e911.locations import ResolvedLocation, Site
@@ -159,13 +159,15 @@ class LocationUpdate(_Model):
 
 
 class TestCallRequest(_Model):
-    device: str = Field(min_length=1, max_length=64)
+    device: str = Field(pattern=SIP_USERNAME)
     service_urn: bool = False
 
 
 class ExceptionsUpdate(_Model):
-    countries: list[str] = Field(default_factory=list, max_length=300)
-    prefixes: list[str] = Field(default_factory=list, max_length=1000)
+    countries: list[Annotated[str, Field(pattern=COUNTRY)]] = Field(
+        default_factory=list, max_length=300)
+    prefixes: list[Annotated[str, Field(pattern=E164_PREFIX)]] = Field(
+        default_factory=list, max_length=1000)
 
 
 # --------------------------------------------------------------------------------------

@@ -520,7 +520,11 @@ class CallControl:
         self.dialogs[(call.b_call_id, call.b_tag)] = (call, "b")
         call.state = CallState.EARLY
         cseq = itertools.count(1)
-        announced = False
+        announced = failed_reported = False
+        if em.announce_first(ctx):
+            # registered abroad: told to use a local phone, and routed home all the same
+            announced = True
+            await self._announce(call)
         while self._emergency_pending(call):
             for trunk in em.routes(ctx):
                 if not self._emergency_pending(call):
@@ -529,10 +533,12 @@ class CallControl:
                     return
             if not self._emergency_pending(call):
                 return
-            if not announced:
-                announced = True
+            if not failed_reported:
+                failed_reported = True
                 em.all_failed(ctx)
-                await self._announce(call)
+                if not announced:
+                    announced = True
+                    await self._announce(call)
             deadline = time.monotonic() + em.retry_interval
             while self._emergency_pending(call) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)

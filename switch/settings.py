@@ -704,6 +704,10 @@ class Emergency(_Model):
     announcement: Path | None = None  # WAV, 8 kHz mono 16-bit; default: SIT tones
     admin_webhooks: list[str] = Field(default_factory=list, max_length=20)
     test_call_notify: Literal["admin", "site"] = "admin"
+    # EM-53: a device registered from another country: "route" (to the home country's
+    # emergency routes, flagged), or "announce_and_route" (the caller first hears the
+    # announcement telling to use a local phone, while the call is routed all the same)
+    foreign_policy: Literal["route", "announce_and_route"] = "route"
     notify_helplines: bool = False
     default_site: str | None = None
     test_calls: list[EmergencyTestCall] = Field(default_factory=list, max_length=100)

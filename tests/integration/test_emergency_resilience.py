@@ -6,6 +6,7 @@ a device sending location updates faster than a PSAP should get them (EM-42)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -130,3 +131,48 @@ async def test_location_updates_reach_the_psap_at_most_every_ten_seconds(
             await call.bye()
     finally:
         process.stop()
+
+
+async def test_a_device_registered_abroad_is_warned_announced_and_still_routed(
+    tmp_path: Path,
+) -> None:
+    """EM-53 policy b: registering from a German network gets a warning MESSAGE; its 112
+    first plays the announcement (183), then reaches the home trunk, flagged DE."""
+    port = free_port("udp", TRUNK_HOST)
+    nomad = SipDevice("104", "pw104-secret", {"site": "lyon", "mobility": "nomadic",
+                                              "display_name": "Nomad", "did": "+33478000104"})
+    sections = {
+        "media": {"backend": "relay", "bind_host": "127.0.0.1",
+                  "port_min": 43000 + 10 * (os.getpid() % 100),
+                  "port_max": 43009 + 10 * (os.getpid() % 100), "media_timeout": 0},
+        "dialplan": {"country": "FR"},
+        "trunks": [{"id": "nat", "kind": "peer", "host": TRUNK_HOST, "port": port,
+                    "transport": "udp", "addresses": [f"{TRUNK_HOST}/32"],
+                    "emergency": {"profile": "nat"}}],
+        "emergency": {"foreign_policy": "announce_and_route", "sites": [{
+            "id": "lyon", "country": "FR",
+            "address": {"country": "FR", "A1": "69", "A3": "Lyon",
+                        "RD": "Rue de la République", "HNO": "10", "PC": "69002"},
+            "routes": ["nat"], "locations": [{"id": "b312", "FLR": "3"}],
+            "networks": [{"subnet": "127.0.0.9/32", "country": "DE"}]}]},
+    }  # fmt: skip
+    process = prepare_switch(tmp_path, [nomad], tcp=False, sections=sections)
+    process.start()
+    try:
+        async with EmergencyTrunkUAS([200], port=port, answer_delay=0.5) as trunk, \
+                SipUA(nomad.extension, nomad.password, process.address(),
+                      host="127.0.0.9") as ua:
+            assert (await ua.register(expires=60)).status == 200
+            warning = await ua.wait_for("MESSAGE", timeout=5)
+            assert warning is not None and b"DE" in warning.body, warning
+            call = await ua.invite("112", timeout=10)
+            assert call.status == 200, call.final
+            assert 183 in [p.status for p in call.provisionals], call.provisionals
+            assert len(trunk.invites) == 1
+            assert str(trunk.invites[0][2].uri).startswith("sip:112@")
+            await call.bye()
+    finally:
+        process.stop()
+    classified = [e for e in read_journal(tmp_path / "var" / "emergency")
+                  if e["event"] == "classified"]
+    assert classified and classified[0]["fields"]["foreign_country"] == "DE"
