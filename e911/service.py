@@ -23,6 +23,7 @@ made it (`callback_for`, EM-41).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from .locations import (
     ResolvedLocation,
     Site,
 )
+from .lost import LostClient, lost_service_urn, route_for
 from .notify import EmergencyNotification, Notifier
 from .pidf import build_pidf
 from .profiles import (
@@ -220,6 +222,7 @@ class EmergencyService:
             on_alarm=self._notification_alarm, admin_webhooks=list(section.admin_webhooks),
         )
         self.profiles = {trunk.id: _profile(trunk.emergency) for trunk in self._all_trunks()}
+        self.lost = self._lost_clients()
         self.problems = readiness_of(settings)
         metrics.emergency_readiness_problems.set(len(self.problems))
 
@@ -242,9 +245,32 @@ class EmergencyService:
         self.release_ordinary_calls = section.release_ordinary_calls
         self.refuses_unlocated = section.unlocated_devices == "refuse" and bool(section.sites)
         self.profiles = {trunk.id: _profile(trunk.emergency) for trunk in self._all_trunks()}
+        self.lost = self._lost_clients()
         self.notifier.admin_webhooks = list(section.admin_webhooks)
         self.problems = readiness_of(settings)
         self.metrics.emergency_readiness_problems.set(len(self.problems))
+
+    def _lost_clients(self) -> dict[str, LostClient]:
+        return {
+            trunk.id: LostClient(trunk.emergency.lost_server,
+                                 timeout=trunk.emergency.lost_timeout)
+            for trunk in self._all_trunks()
+            if trunk.emergency is not None and trunk.emergency.profile == "i3"
+            and trunk.emergency.lost_server
+        }
+
+    async def lost_route(self, ctx: EmergencyCall, trunk: Any) -> str | None:
+        """The Route the ECRF gives for the caller's location (EM-32), None to use the
+        trunk's configured ESRP route (no LoST server, no answer in time, a helpline)."""
+        client = self.lost.get(trunk.id)
+        if client is None or ctx.number_class == "helpline" or ctx.location.address is None:
+            return None
+        answer = await client.find_service(ctx.location.address,
+                                           lost_service_urn(ctx.service_urn, ctx.test))
+        self.journal.record(ctx.call_id, "lost", trunk=trunk.id,
+                            uris=list(answer.uris) if answer else [],
+                            from_cache=answer.from_cache if answer else False)
+        return route_for(answer) if answer else None
 
     def _all_trunks(self) -> list[Any]:
         return list(getattr(self.trunks, "trunks", []) or [])
@@ -256,6 +282,8 @@ class EmergencyService:
             log.warning("emergency.not_ready", problem=problem)
 
     async def close(self) -> None:
+        for client in self.lost.values():
+            await client.close()
         await self.notifier.close(2.0)
         await self.journal.flush(timeout=5)
         await self.journal.aclose()
@@ -371,8 +399,10 @@ class EmergencyService:
         return ordered
 
     def invite_for(self, ctx: EmergencyCall, trunk: Any, sdp: bytes, *,
-                   default_location: bool = False) -> Any:
+                   default_location: bool = False, route: str | None = None) -> Any:
         profile = self.profiles.get(trunk.id) or EmergencyProfile(kind=ProfileKind.NAT)
+        if route is not None and profile.kind is ProfileKind.I3:
+            profile = dataclasses.replace(profile, esrp_route=route)
         pidf = ctx.default_pidf if default_location else ctx.pidf
         display = ctx.device.display_name or ctx.device.extension
         number = ctx.emergency_number

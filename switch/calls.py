@@ -560,10 +560,12 @@ class CallControl:
         if flow is None:
             return False
         default_location = False
+        route = await em.lost_route(ctx, trunk)
         for _ in range(2):  # the second time: after a 424, with the default location only
             if not self._emergency_pending(call):
                 return False
-            invite = em.invite_for(ctx, trunk, sdp, default_location=default_location)
+            invite = em.invite_for(ctx, trunk, sdp, default_location=default_location,
+                                   route=route)
             if invite is None:
                 em.response(ctx, trunk, None, "unreachable: the trunk's profile cannot carry"
                             " this call")
@@ -691,7 +693,7 @@ class CallControl:
             sdp = (f"v=0\r\no=- 1 1 IN IP4 {host}\r\ns=test\r\nc=IN IP4 {host}\r\n"
                    f"t=0 0\r\nm=audio 9 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000"
                    f"\r\na=recvonly\r\n").encode()
-            invite = em.invite_for(ctx, trunk, sdp)
+            invite = em.invite_for(ctx, trunk, sdp, route=await em.lost_route(ctx, trunk))
             if invite is None:
                 continue
             tag = new_tag()

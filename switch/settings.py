@@ -576,6 +576,27 @@ class EmergencyProfileSettings(_Model):
     send_location: bool | None = None  # default: pidf and i3 send PIDF-LO, dlr and nat not
     emergency_number: str = Field(default="911", pattern=r"^[0-9]{1,15}$")
     provider_info_url: str | None = Field(default=None, max_length=500)
+    # i3: the ECRF (LoST, RFC 5222) that names the PSAP for the caller's location; on
+    # failure or after lost_timeout the configured esrp_route is used (EM-32)
+    lost_server: str | None = Field(default=None, max_length=500)
+    lost_timeout: float = Field(default=0.5, gt=0, le=5)
+
+    @field_validator("lost_server")
+    @classmethod
+    def _check_lost_server(cls, value: str | None) -> str | None:
+        if value is not None:
+            from e911.lost import lost_server_problems
+
+            problems = lost_server_problems(value)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return value
+
+    @model_validator(mode="after")
+    def _lost_only_for_i3(self) -> EmergencyProfileSettings:
+        if self.lost_server is not None and self.profile != "i3":
+            raise _one_problem(("lost_server",), "a LoST server is used by the i3 profile only")
+        return self
 
 
 class EmergencyLocationSettings(_Model):

@@ -176,3 +176,53 @@ async def test_a_device_registered_abroad_is_warned_announced_and_still_routed(
     classified = [e for e in read_journal(tmp_path / "var" / "emergency")
                   if e["event"] == "classified"]
     assert classified and classified[0]["fields"]["foreign_country"] == "DE"
+
+
+@pytest.mark.parametrize("ecrf_up", [True, False])
+async def test_i3_route_comes_from_the_ecrf_or_falls_back_to_the_esrp(
+    tmp_path: Path, ecrf_up: bool,
+) -> None:
+    """EM-32: the ECRF's PSAP becomes the Route; with the ECRF down, the configured ESRP."""
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_e911_lost import MockEcrf
+
+    ecrf = await MockEcrf().start()
+    if not ecrf_up:
+        await ecrf.stop()
+    port = free_port("udp", TRUNK_HOST)
+    sections = {
+        "media": {"backend": "none"},
+        "dialplan": {"country": "FR"},
+        "trunks": [{"id": "i3", "kind": "peer", "host": TRUNK_HOST, "port": port,
+                    "transport": "udp", "addresses": [f"{TRUNK_HOST}/32"],
+                    "emergency": {"profile": "i3", "esrp_route": "sip:esrp.example.net;lr",
+                                  "lost_server": ecrf.url, "lost_timeout": 0.5}}],
+        "emergency": {"sites": [{
+            "id": "lyon", "country": "FR",
+            "address": {"country": "FR", "A1": "69", "A3": "Lyon",
+                        "RD": "Rue de la République", "HNO": "10", "PC": "69002"},
+            "routes": ["i3"], "locations": [{"id": "b312", "FLR": "3"}]}]},
+    }  # fmt: skip
+    process = prepare_switch(tmp_path, [ALICE], tcp=False, sections=sections)
+    process.start()
+    try:
+        async with EmergencyTrunkUAS([200], port=port) as trunk, \
+                SipUA(ALICE.extension, ALICE.password, process.address()) as alice:
+            assert (await alice.register(expires=60)).status == 200
+            started = time.monotonic()
+            call = await alice.invite("112", timeout=10)
+            assert call.status == 200, call.final
+            record = trunk.invites[0]
+            route = record[2].header("Route")
+            if ecrf_up:
+                assert route == "<sip:psap-a@127.0.0.1;lr>", route
+                assert len(ecrf.requests) == 1
+                assert b"urn:service:sos" in ecrf.requests[0].body
+            else:
+                assert route == "<sip:esrp.example.net;lr>", route
+                assert record[0] - started < 1.5  # the 0.5 s budget, then the default
+            await call.bye()
+    finally:
+        process.stop()
+        if ecrf_up:
+            await ecrf.stop()
