@@ -453,7 +453,8 @@ class ActivationService:
         self.poll_max = poll_max
         self.poll_attempts = poll_attempts
         self._sleep = sleep
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = asyncio.Semaphore(concurrency)  # DIDs being pushed or polled
+        self._site_slots = asyncio.Semaphore(concurrency)  # sites being synced by sync_all
         self._locks: dict[str, asyncio.Lock] = {}
         self._alerted: dict[str, set[str]] = {}
         self.sites: dict[str, Site] = {}
@@ -528,12 +529,16 @@ class ActivationService:
         return record
 
     async def sync_all(self) -> None:
-        """``sync_site`` for every site, one after the other; a failure is logged."""
-        for site in list(self.sites.values()):
-            try:
-                await self.sync_site(site)
-            except Exception:
-                log.exception("emergency.activation_sync_failed", site=site.id)
+        """``sync_site`` for every site (at most ``concurrency`` sites at a time, so that
+        one site's pending DIDs do not hold the others up); a failure is logged."""
+        async def one(site: Site) -> None:
+            async with self._site_slots:
+                try:
+                    await self.sync_site(site)
+                except Exception:
+                    log.exception("emergency.activation_sync_failed", site=site.id)
+
+        await asyncio.gather(*(one(site) for site in list(self.sites.values())))
 
     async def run(self, interval: float) -> None:
         """Sync every site every ``interval`` seconds, until cancelled."""
@@ -639,7 +644,7 @@ class ActivationService:
     async def _sync_did(self, site: Site, did: str, normalized: CivicAddress) -> None:
         record = self.registry.record(DID, did)
         if record is not None and record.enabled:
-            await self._change_address(did, record, normalized)
+            await self._change_address(site, did, record, normalized)
             return
         if (record is not None and record.state is _S.PROVISIONED and record.reference
                 and record.address == normalized):
@@ -657,12 +662,13 @@ class ActivationService:
             reference = result.reference or ""
             self.registry.transition(DID, did, _S.PROVISIONED, result.reason
                                      or "pending at the provider", reference=reference)
+            self._settle_site(site, normalized, final=False)
         outcome = await self._poll(did, reference)
         if outcome is not None:
             self.registry.transition(DID, did, outcome.state, outcome.reason
                                      or _default_reason(outcome.state))
 
-    async def _change_address(self, did: str, record: ActivationRecord,
+    async def _change_address(self, site: Site, did: str, record: ActivationRecord,
                               normalized: CivicAddress) -> None:
         """An enabled DID whose site address is now ``normalized``: push it, keep the old
         one in force until the provider confirms."""
@@ -692,6 +698,7 @@ class ActivationService:
             self.registry.set_change(DID, did, AddressChange(
                 normalized, _S.PROVISIONED, result.reason, reference),
                 "new address pending at the provider; the old address stays in force")
+            self._settle_site(site, normalized, final=False)
         outcome = await self._poll(did, reference)
         if outcome is None:
             return
@@ -741,7 +748,11 @@ class ActivationService:
                 return result
         return None
 
-    def _settle_site(self, site: Site, normalized: CivicAddress) -> None:
+    def _settle_site(self, site: Site, normalized: CivicAddress, *, final: bool = True
+                     ) -> None:
+        """The site's state from its DIDs': emergency_enabled when all have the site's
+        address in force, provisioned when all are pushed. ``final`` False (a DID was just
+        pushed, polls follow) only moves a validated site to provisioned."""
         dids = self.dids(site.id)
         records = [self.registry.record(DID, did) for did in dids]
 
@@ -759,6 +770,12 @@ class ActivationService:
             return (record.enabled and change is not None and change.address == normalized
                     and change.state is _S.PROVISIONED)
 
+        if not final:
+            if (self.registry.state(SITE, site.id) is _S.VALIDATED
+                    and all(pushed(record) for record in records)):
+                self.registry.transition(SITE, site.id, _S.PROVISIONED,
+                                         "every DID of the site is pushed to the provider")
+            return
         if dids and all(in_force(record) for record in records):
             self.registry.transition(SITE, site.id, _S.EMERGENCY_ENABLED,
                                      "every DID of the site is emergency-enabled")

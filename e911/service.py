@@ -23,6 +23,7 @@ made it (`callback_for`, EM-41).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import time
@@ -35,6 +36,7 @@ import structlog
 
 from sip.multipart import BodyPart, parse_multipart
 
+from .activation import ActivationRegistry, ActivationService, HttpJsonProvider
 from .audit import EmergencyJournal
 from .callback import CallbackWindows
 from .civic import CivicAddress
@@ -162,6 +164,21 @@ def devices_from_settings(settings: Settings) -> list[DeviceLocationConfig]:
     ]
 
 
+def dids_of_site(settings: Settings) -> dict[str, list[str]]:
+    """The numbers each site's emergency service is provisioned for at the provider:
+    its devices' DIDs and its callback number (a number shared by two sites goes with
+    the first)."""
+    seen: set[str] = set()
+    result: dict[str, list[str]] = {site.id: [] for site in settings.emergency.sites}
+    numbers = [(device.site, device.did) for _, device in settings.iter_devices()]
+    numbers += [(site.id, site.callback_number) for site in settings.emergency.sites]
+    for site_id, number in numbers:
+        if site_id in result and number and number not in seen:
+            seen.add(number)
+            result[site_id].append(number)
+    return result
+
+
 def readiness_of(settings: Settings) -> list[str]:
     """What keeps emergency calling from being ready (EM-81): sites without a validated
     address, route or notification recipient, devices without a location, trunks in
@@ -176,6 +193,20 @@ def readiness_of(settings: Settings) -> list[str]:
          for trunk in settings.trunks},
         default_site_id=default_site,
     )
+
+
+def activation_problems_of(settings: Settings) -> list[str]:
+    """The provider activation states as last journaled (read offline: the provider is
+    not called), for the readiness command."""
+    provider = settings.emergency.provider
+    if provider is None:
+        return []
+    service = ActivationService(
+        ActivationRegistry(Path(settings.emergency.journal_dir) / "activation.jsonl"),
+        HttpJsonProvider(provider.url, None, provider.timeout),
+        sites_from_settings(settings), dids_of_site(settings),
+    )
+    return service.readiness_problems()
 
 
 class EmergencyService:
@@ -223,8 +254,41 @@ class EmergencyService:
         )
         self.profiles = {trunk.id: _profile(trunk.emergency) for trunk in self._all_trunks()}
         self.lost = self._lost_clients()
-        self.problems = readiness_of(settings)
+        self.activation: ActivationService | None = None
+        provider = section.provider
+        if provider is not None:
+            self.activation = ActivationService(
+                ActivationRegistry(Path(section.journal_dir) / "activation.jsonl",
+                                   wall_clock=wall_clock),
+                HttpJsonProvider(provider.url, provider.token.get_secret_value()
+                                 if provider.token else None, provider.timeout),
+                list(self.sites.values()), dids_of_site(settings),
+                on_alert=lambda kind, text: self._alert(kind, text),
+                poll_initial=provider.poll_initial, poll_attempts=provider.poll_attempts,
+            )
+        self._static_problems = readiness_of(settings)
         metrics.emergency_readiness_problems.set(len(self.problems))
+
+    @property
+    def problems(self) -> list[str]:
+        """Readiness problems now (EM-81): the configuration's, then the provider's
+        activation states (pending, failed)."""
+        problems = list(self._static_problems)
+        if self.activation is not None:
+            problems += self.activation.readiness_problems()
+        return problems
+
+    async def run_activation(self, interval: float) -> None:
+        """Keep the provider's validation and provisioning states current (EM-51)."""
+        if self.activation is None:
+            return
+        while True:
+            try:
+                await self.activation.sync_all()
+            except Exception:
+                log.exception("emergency.activation_sync_failed")
+            self.metrics.emergency_readiness_problems.set(len(self.problems))
+            await asyncio.sleep(interval)
 
     def reconfigure(self, settings: Settings, trunks: Any) -> None:
         """A reloaded configuration: sites, devices, routes and profiles replaced; the
@@ -247,7 +311,12 @@ class EmergencyService:
         self.profiles = {trunk.id: _profile(trunk.emergency) for trunk in self._all_trunks()}
         self.lost = self._lost_clients()
         self.notifier.admin_webhooks = list(section.admin_webhooks)
-        self.problems = readiness_of(settings)
+        if self.activation is not None:
+            try:
+                self.activation.update(list(sites.values()), dids_of_site(settings))
+            except ValueError as exc:
+                log.error("emergency.activation_update_failed", error=str(exc))
+        self._static_problems = readiness_of(settings)
         self.metrics.emergency_readiness_problems.set(len(self.problems))
 
     def _lost_clients(self) -> dict[str, LostClient]:

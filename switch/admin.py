@@ -77,6 +77,9 @@ DEFAULT_AUDIT_ENTRIES = 10_000
 MAX_BODY_BYTES = 64 * 1024
 MIN_TOKEN_LENGTH = 16
 BEARER_REALM = 'Bearer realm="softswitch-admin"'
+# where a guarded request keeps the token that authorised it (handlers log its name)
+TOKEN_KEY: Any = (web.RequestKey("admin_token", object) if hasattr(web, "RequestKey")
+                  else "admin_token")
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOKEN_TEXT = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: what fits an HTTP header
 
@@ -404,8 +407,7 @@ class AdminServer:
         self.app = self._build_app()
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.listen.host, self.settings.listen.port,
-                           shutdown_timeout=2.0)
+        site = web.TCPSite(runner, self.settings.listen.host, self.settings.listen.port)
         try:
             await site.start()
         except BaseException:
@@ -475,7 +477,7 @@ class AdminServer:
                 raise ApiError(403, f"token {token.name!r} may only read",
                                headers={"WWW-Authenticate":
                                         f'{BEARER_REALM}, error="insufficient_scope"'})
-            request["admin_token"] = token
+            request[TOKEN_KEY] = token
             return await handler(request)
 
         return guarded
@@ -529,7 +531,7 @@ class AdminServer:
         except Exception as exc:
             log.exception("admin.request_failed", method=request.method, path=request.path)
             response = _error_response(500, f"internal error: {type(exc).__name__}")
-        token = request.get("admin_token")
+        token = request.get(TOKEN_KEY)
         event = log.info if request.method not in ("GET", "HEAD") else log.debug
         event("admin.request", method=request.method, path=request.path,
               status=response.status, token=token.name if token else None)
@@ -615,7 +617,7 @@ class AdminServer:
         call_id = request.match_info["call_id"]
         if not self.switch.calls.hangup(call_id, cause="admin"):
             raise ApiError(404, f"no active call {call_id!r}")
-        log.info("admin.call_hung_up", call_id=call_id, token=request["admin_token"].name)
+        log.info("admin.call_hung_up", call_id=call_id, token=request[TOKEN_KEY].name)
         return web.Response(status=204)
 
     # -- devices and locations ----------------------------------------------------------
@@ -657,7 +659,7 @@ class AdminServer:
         username = request.match_info["username"]
         self._device_or_404(username)
         update: LocationUpdate = await _body(request, LocationUpdate)
-        token: AdminToken = request["admin_token"]
+        token: AdminToken = request[TOKEN_KEY]
         locations = self.switch.emergency.locations
         if username not in locations.devices:
             raise ApiError(409, f"device {username!r} has no emergency location"
@@ -721,7 +723,7 @@ class AdminServer:
         self._device_or_404(body.device)
         if not self.switch.emergency.locations.sites:
             raise ApiError(409, "emergency calling is not configured (no site)")
-        token: AdminToken = request["admin_token"]
+        token: AdminToken = request[TOKEN_KEY]
         log.info("admin.test_call", device=body.device, token=token.name)
         try:
             result = await self.switch.calls.place_test_call(
@@ -817,7 +819,7 @@ class AdminServer:
         self.reapply_runtime_exceptions()
         log.info("admin.blacklist_exceptions_set", account=account.id,
                  countries=exceptions.countries, prefixes=exceptions.prefixes,
-                 token=request["admin_token"].name)
+                 token=request[TOKEN_KEY].name)
         return _json(self._exceptions_document(account.id))
 
     async def _clear_exceptions(self, request: web.Request) -> web.Response:
@@ -825,7 +827,7 @@ class AdminServer:
         self.runtime_exceptions.pop(account.id, None)
         self.reapply_runtime_exceptions()
         log.info("admin.blacklist_exceptions_cleared", account=account.id,
-                 token=request["admin_token"].name)
+                 token=request[TOKEN_KEY].name)
         return web.Response(status=204)
 
     # -- reload ---------------------------------------------------------------------------
@@ -835,7 +837,7 @@ class AdminServer:
             return _json({"applied": False,
                           "errors": ["configuration reload is not available in this build"]},
                          501)
-        log.info("admin.reload", token=request["admin_token"].name)
+        log.info("admin.reload", token=request[TOKEN_KEY].name)
         try:
             outcome = reload()
             if asyncio.iscoroutine(outcome) or isinstance(outcome, asyncio.Future):

@@ -336,6 +336,9 @@ class Softswitch:
             self.listening.append((entry.transport, host, port))
         self._background.append(asyncio.create_task(self._sweep_expired()))
         self._background.append(asyncio.create_task(self._emergency_housekeeping()))
+        if self.emergency.activation is not None and self.settings.emergency.provider:
+            self._background.append(asyncio.create_task(self.emergency.run_activation(
+                self.settings.emergency.provider.sync_interval)))
         for test_call in self.settings.emergency.test_calls:
             self._background.append(asyncio.create_task(self._scheduled_test_calls(test_call)))
         self.trunks.start()

@@ -284,9 +284,9 @@ def _emergency_readiness(path: str) -> int:
     except ConfigError as error:
         _print_errors(error)
         return EXIT_CONFIG
-    from e911.service import readiness_of
+    from e911.service import activation_problems_of, readiness_of
 
-    problems = readiness_of(settings)
+    problems = readiness_of(settings) + activation_problems_of(settings)
     for problem in problems:
         print(problem)
     if problems:

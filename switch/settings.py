@@ -698,6 +698,19 @@ class EmergencySite(_Model):
         return None if value is None else _e164(value)
 
 
+class EmergencyProviderSettings(_Model):
+    """The operator's emergency-service provider API (e911/activation.py, EM-51):
+    addresses validated and DIDs provisioned with it; the generic JSON API, or an
+    adapter of the same interface for a real provider."""
+
+    url: str = Field(pattern=r"^https?://\S+$")
+    token: SecretStr | None = None
+    timeout: float = Field(default=10.0, gt=0, le=120)
+    sync_interval: float = Field(default=3600.0, ge=30)
+    poll_initial: float = Field(default=5.0, gt=0, le=600)
+    poll_attempts: int = Field(default=6, ge=1, le=20)
+
+
 class EmergencyTestCall(_Model):
     """A scheduled emergency test call (933 / urn:service:test.sos) from a device."""
 
@@ -732,6 +745,7 @@ class Emergency(_Model):
     notify_helplines: bool = False
     default_site: str | None = None
     test_calls: list[EmergencyTestCall] = Field(default_factory=list, max_length=100)
+    provider: EmergencyProviderSettings | None = None
     sites: list[EmergencySite] = Field(default_factory=list, max_length=10_000)
 
     @field_validator("admin_webhooks")

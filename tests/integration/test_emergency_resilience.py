@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -226,3 +227,59 @@ async def test_i3_route_comes_from_the_ecrf_or_falls_back_to_the_esrp(
         process.stop()
         if ecrf_up:
             await ecrf.stop()
+
+
+async def test_a_did_pending_at_the_provider_is_reported_and_its_calls_still_go_out(
+    tmp_path: Path,
+) -> None:
+    """EM-51 and EM-24: the provider keeps the DID pending: the readiness check says so,
+    and the device's 112 goes out all the same."""
+    sys.path.append(str(Path(__file__).resolve().parent))
+    from test_e911_activation_provider import TOKEN, MockProvider
+
+    provider = MockProvider()
+    url = await provider.start()
+    provider.pending_polls[ALICE.settings["did"]] = 1000
+    port = free_port("udp", TRUNK_HOST)
+    sections = {
+        "media": {"backend": "none"},
+        "dialplan": {"country": "FR"},
+        "trunks": [{"id": "nat", "kind": "peer", "host": TRUNK_HOST, "port": port,
+                    "transport": "udp", "addresses": [f"{TRUNK_HOST}/32"],
+                    "emergency": {"profile": "nat"}}],
+        "emergency": {
+            "provider": {"url": url, "token": TOKEN, "poll_initial": 0.05,
+                         "poll_attempts": 2, "sync_interval": 600},
+            "sites": [{
+                "id": "lyon", "country": "FR",
+                "address": {"country": "FR", "A1": "69", "A3": "Lyon",
+                            "RD": "Rue de la République", "HNO": "10", "PC": "69002"},
+                "routes": ["nat"], "locations": [{"id": "b312", "FLR": "3"}],
+                "notify": {"webhooks": ["http://127.0.0.1:9/hook"]}}]},
+    }  # fmt: skip
+    process = prepare_switch(tmp_path, [ALICE], tcp=False, sections=sections)
+    process.start()
+    try:
+        journal = tmp_path / "var" / "emergency" / "activation.jsonl"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b"provisioned" not in (
+                journal.read_bytes() if journal.exists() else b""):
+            await asyncio.sleep(0.1)
+        assert journal.exists() and b"provisioned" in journal.read_bytes()
+        async with EmergencyTrunkUAS([200], port=port) as trunk, \
+                SipUA(ALICE.extension, ALICE.password, process.address()) as alice:
+            assert (await alice.register(expires=60)).status == 200
+            call = await alice.invite("112", timeout=10)
+            assert call.status == 200, call.final
+            assert len(trunk.invites) == 1
+            await call.bye()
+    finally:
+        process.stop()
+        await provider.stop()
+    readiness = subprocess.run(
+        [sys.executable, "-m", "switch", "emergency", "readiness", "--config",
+         str(process.config_path)], capture_output=True, text=True, timeout=30,
+        cwd=Path(__file__).resolve().parents[2])
+    assert readiness.returncode == 1, readiness
+    assert f"{ALICE.settings['did']}: emergency service pending at the provider" in (
+        readiness.stdout), readiness.stdout
