@@ -37,7 +37,7 @@ ALLOW_UNCOUNTED = Admission(True, limit="none", counted=False)
 @dataclass(slots=True)
 class _Lease:
     account_id: str
-    device: str
+    line: str  # the extension: minutes are counted per line
     internal: bool
     counted: bool
     policy: EffectivePolicy
@@ -78,10 +78,12 @@ class FairUseService:
                                      users=self.users(account_id), home_country=self.country)
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
         starter = getattr(self.store, "start", None)
         if starter is not None:
-            starter()
+            result = starter()
+            if asyncio.iscoroutine(result):
+                await result
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_leases())
 
     async def close(self) -> None:
@@ -111,7 +113,7 @@ class FairUseService:
 
     # -- admission ------------------------------------------------------------------------
     async def admit(self, call_id: str, account_id: str, device: str, trunk_id: str | None,
-                    destination: Any) -> Admission:
+                    destination: Any, *, line: str | None = None) -> Admission:
         """One decision before the callee's leg exists. Never raises: a store failure
         admits the call (and is logged); emergency calls are always admitted."""
         if getattr(destination, "is_emergency", False) or not self.enabled:
@@ -119,7 +121,7 @@ class FairUseService:
         internal = str(getattr(destination, "kind", "")) == "internal"
         try:
             admission = await self._admit(call_id, account_id, device, trunk_id, destination,
-                                          internal)
+                                          internal, line or device)
         except Exception as exc:
             log.error("fairuse.admission_failed", call_id=call_id, error=repr(exc))
             return Admission(True, limit="none")
@@ -127,13 +129,15 @@ class FairUseService:
         return admission
 
     async def _admit(self, call_id: str, account_id: str, device: str, trunk_id: str | None,
-                     destination: Any, internal: bool) -> Admission:
+                     destination: Any, internal: bool, line: str) -> Admission:
+        """``device``: the SIP username (policy overrides); ``line``: the extension, which
+        the CDR ledger records too, so minutes rebuilt from it land on the same line."""
         now = self.wall_clock()
         policy = self.policy(account_id, device, trunk_id)
         counters = AdmissionCounters(at=datetime.fromtimestamp(now, UTC))
         if not internal:
             month = month_of(now)
-            line_seconds, account_seconds = await self.store.minutes(account_id, device, month)
+            line_seconds, account_seconds = await self.store.minutes(account_id, line, month)
             dialled = getattr(destination, "e164", None) or getattr(destination, "dialled", "")
             store_patterns = await self.store.record_attempt(account_id, dialled, now)
             counters = AdmissionCounters(
@@ -153,7 +157,7 @@ class FairUseService:
             lease = await self.store.acquire(call_id, scopes, self.lease_ttl, now)
             if not lease.granted:
                 return lease_refusal(policy, lease.refused_scope, internal=internal)
-        self.leases[call_id] = _Lease(account_id, device, internal, admission.counted, policy)
+        self.leases[call_id] = _Lease(account_id, line, internal, admission.counted, policy)
         if self.metrics is not None:
             self.metrics.fairuse_leases.set(len(self.leases))
         return admission
@@ -212,7 +216,7 @@ class FairUseService:
                 return
             billable = lease.policy.billable(duration)
             if lease.counted and billable:
-                await self.store.add_minutes(lease.account_id, lease.device, month_of(start),
+                await self.store.add_minutes(lease.account_id, lease.line, month_of(start),
                                              billable)
             await self.store.record_call_end(
                 lease.account_id, duration, self.wall_clock(),

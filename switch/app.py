@@ -322,7 +322,7 @@ class Softswitch:
         for report in self.ledger.open():
             log.warning("cdr.recovered", report=str(report))
         self.emergency.open()
-        self.fairuse.start()
+        await self.fairuse.start()
         tls_context = None
         if self.settings.tls.certificate and self.settings.tls.private_key:
             tls_context = make_server_ssl_context(

@@ -419,7 +419,7 @@ class CallControl:
                      if kind is DestinationKind.EXTERNAL and self.trunks else None)
             admission = await self.fairuse.admit(call.call_id, caller.account_id,
                                                  caller.username, trunk.id if trunk else None,
-                                                 destination)
+                                                 destination, line=caller.extension)
             if not admission.allowed:
                 headers = [("Warning", admission.warning_header(self.directory.realm))]
                 if admission.retry_after:
