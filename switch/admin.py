@@ -19,6 +19,7 @@ Wiring (done by the switch)::
     self.admin = AdminServer(self, settings.admin)   # Softswitch.__init__
     await self.admin.start()                          # end of Softswitch.start
     await self.admin.stop()                           # start of Softswitch.stop
+    self.admin.after_reload()                         # end of an applied Softswitch.reload
 
 Extensions (the dashboard)
     ``AdminServer.add_routes(register, openapi_paths=...)`` before ``start()``: ``register
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import json
 import re
 import time
@@ -258,6 +260,16 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
         raise ApiError(400, "; ".join(problems)) from None
 
 
+def ipaddress_is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or "localhost") is a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _binding_view(binding: Binding, now: float) -> dict[str, Any]:
     flow = binding.flow
     return {
@@ -380,6 +392,7 @@ class AdminServer:
         self.app: web.Application | None = None
         #: blacklist exceptions added through the API, by account (kept in memory only)
         self.runtime_exceptions: dict[str, BlacklistExceptions] = {}
+        self._readiness_cache: tuple[object, list[str]] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -414,13 +427,16 @@ class AdminServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            host, port = sockets[0].getsockname()[:2]
-            self._address = (host, port)
-        else:  # pragma: no cover - aiohttp always has a socket after start
+        addresses = runner.addresses  # the bound sockets' names (port 0 resolved)
+        if addresses:
+            host, port = addresses[0][:2]
+            self._address = (str(host), int(port))
+        else:  # pragma: no cover - a started TCP site always has a socket
             self._address = (self.settings.listen.host, self.settings.listen.port)
+        if not ipaddress_is_loopback(self._address[0]):
+            log.warning("admin.listening_beyond_loopback", host=self._address[0],
+                        detail="bearer tokens cross the network in clear text: put the"
+                               " listener behind a TLS proxy or keep it on loopback")
         if not self.settings.tokens:
             log.warning("admin.no_tokens",
                         detail="no admin token configured: every API call is refused")
@@ -438,6 +454,14 @@ class AdminServer:
         """A reloaded ``admin:`` section: tokens and metrics_public take effect at once
         (a changed listen address needs a restart)."""
         self.settings = settings
+
+    def after_reload(self) -> None:
+        """A reload was applied: the new ``admin:`` section (tokens) taken, the API's
+        runtime blacklist exceptions put back on top of the new ``fair_use`` section."""
+        admin = getattr(self.switch.settings, "admin", None)
+        if isinstance(admin, AdminSettings):
+            self.apply(admin)
+        self.reapply_runtime_exceptions()
 
     def reapply_runtime_exceptions(self) -> None:
         """Re-apply the API's blacklist exceptions on top of the configured ``fair_use``
@@ -546,11 +570,19 @@ class AdminServer:
     async def _live(self, request: web.Request) -> web.Response:
         return _json({"status": "ok", "uptime_seconds": round(time.time() - self.started_at, 3)})
 
+    def emergency_problems(self) -> list[str]:
+        """The emergency readiness problems of the configuration in force (computed once
+        per configuration: health probes come every few seconds)."""
+        settings = self.switch.settings
+        if self._readiness_cache is None or self._readiness_cache[0] is not settings:
+            self._readiness_cache = (settings, readiness_of(settings))
+        return list(self._readiness_cache[1])
+
     def readiness(self) -> dict[str, Any]:
         """What /healthz/ready reports: SIP listening, emergency readiness, the fair-use
         store. Counts only: the problems themselves are at /api/v1/emergency/readiness."""
         switch = self.switch
-        problems = readiness_of(switch.settings)
+        problems = self.emergency_problems()
         degraded = bool(getattr(switch.fairuse.store, "degraded", False))
         listening = bool(switch.listening)
         ready = listening and not problems and not degraded
@@ -686,7 +718,7 @@ class AdminServer:
 
     # -- emergency ------------------------------------------------------------------------
     async def _readiness(self, request: web.Request) -> web.Response:
-        problems = readiness_of(self.switch.settings)
+        problems = self.emergency_problems()
         locations = self.switch.emergency.locations
         unlocated = [u for u in self._configured_usernames() if not locations.has_location(u)]
         return _json({"ready": not problems, "problems": problems,
@@ -834,7 +866,7 @@ class AdminServer:
     async def _reload(self, request: web.Request) -> web.Response:
         reload = getattr(self.switch, "reload", None)
         if reload is None:
-            return _json({"applied": False,
+            return _json({"applied": False, "notes": [],
                           "errors": ["configuration reload is not available in this build"]},
                          501)
         log.info("admin.reload", token=request[TOKEN_KEY].name)
@@ -843,24 +875,32 @@ class AdminServer:
             if asyncio.iscoroutine(outcome) or isinstance(outcome, asyncio.Future):
                 outcome = await outcome
         except Exception as exc:
-            errors = list(getattr(exc, "errors", None) or [str(exc) or type(exc).__name__])
-            return _json({"applied": False, "errors": [str(e) for e in errors]}, 400)
-        applied, errors = _reload_outcome(outcome)
+            errors = getattr(exc, "errors", None)  # ConfigError: file:line: key: problem
+            if not isinstance(errors, list | tuple):
+                log.exception("admin.reload_failed")
+                return _json({"applied": False, "notes": [],
+                              "errors": [f"reload failed: {type(exc).__name__}: {exc}"]}, 500)
+            return _json({"applied": False, "errors": [str(e) for e in errors], "notes": []},
+                         400)
+        applied, messages = _reload_outcome(outcome)
         if applied:
-            admin = getattr(self.switch.settings, "admin", None)
-            if isinstance(admin, AdminSettings):
-                self.apply(admin)
-            self.reapply_runtime_exceptions()
-        return _json({"applied": applied, "errors": errors}, 200 if applied else 400)
+            self.after_reload()
+            return _json({"applied": True, "errors": [], "notes": messages})
+        return _json({"applied": False, "errors": messages, "notes": []}, 400)
 
 
 def _reload_outcome(outcome: Any) -> tuple[bool, list[str]]:
-    """(applied, errors) from what ``Softswitch.reload()`` returned: None or True (applied),
-    False, a list of error lines, or a mapping with ``applied`` / ``errors``."""
+    """(applied, messages) from what ``Softswitch.reload()`` returned: ``(applied,
+    messages)`` (the errors of a refused file, or notes such as "needs a restart" of an
+    applied one), None or True (applied), False, a list of error lines, or a mapping with
+    ``applied`` / ``errors``."""
     if outcome is None or outcome is True:
         return True, []
     if outcome is False:
         return False, ["the configuration was not applied"]
+    if (isinstance(outcome, tuple) and len(outcome) == 2 and isinstance(outcome[0], bool)
+            and isinstance(outcome[1], list | tuple)):
+        return outcome[0], [str(message) for message in outcome[1]]
     if isinstance(outcome, Mapping):
         errors = [str(e) for e in outcome.get("errors", []) or []]
         return bool(outcome.get("applied", not errors)), errors

@@ -29,6 +29,7 @@ from sip.message import SipRequest, SipResponse, make_response
 from sip.timers import TimerSettings
 from sip.transport import Flow, make_server_ssl_context
 
+from .admin import AdminServer
 from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
 from .calls import CallControl, CallEnd
 from .cdr import CallRecord, LedgerLockedError, ledger_from_settings
@@ -159,6 +160,7 @@ class Softswitch:
         self.calls.fairuse = self.fairuse
         self.registrar.on_registered = self._device_registered
         self.ledger, self.billing = ledger_from_settings(settings.cdr)
+        self.admin = AdminServer(self, settings.admin)
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
         self.listening: list[tuple[str, str, int]] = []
@@ -291,6 +293,7 @@ class Softswitch:
         self.emergency.reconfigure(new, self.trunks)
         self.fairuse.settings = new.fair_use
         self.fairuse.lease_ttl = new.fair_use.lease_seconds
+        self.admin.after_reload()
         log.info("switch.reloaded", source=str(source), devices=len(directory),
                  restart_needed=restart_needed)
         return True, [f"{name}: changed, applied at the next restart" for name in restart_needed]
@@ -344,6 +347,7 @@ class Softswitch:
         self.trunks.start()
         self.keepalive.listeners = self.listening
         self._background.append(asyncio.create_task(self.keepalive.run()))
+        await self.admin.start()
         log.info(
             "switch.ready",
             node=self.settings.switch.node_id,
@@ -395,6 +399,7 @@ class Softswitch:
             await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
 
     async def stop(self) -> None:
+        await self.admin.stop()
         for task in self._background:
             task.cancel()
         for task in self._background:

@@ -262,8 +262,13 @@ SCHEMAS: dict[str, Any] = {
         "runtime": _ref("BlacklistExceptions"),
         "effective": _ref("BlacklistExceptions"),
     }),
-    "ReloadResult": _object({"applied": {"type": "boolean"},
-                             "errors": {"type": "array", "items": {"type": "string"}}}),
+    "ReloadResult": _object({
+        "applied": {"type": "boolean"},
+        "errors": {"type": "array", "items": {"type": "string"},
+                   "description": "file:line: key: problem lines of a refused file"},
+        "notes": {"type": "array", "items": {"type": "string"},
+                  "description": "what an applied reload could not change (needs a restart)"},
+    }),
 }
 
 RESPONSES: dict[str, Any] = {
@@ -276,6 +281,7 @@ RESPONSES: dict[str, Any] = {
         **_json_body(_ref("Error"), "the token may only read"),
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
+    "TooLarge": _json_body(_ref("Error"), "the body is larger than 64 KiB"),
     "NotFound": _json_body(_ref("Error"), "no such device, account or call"),
     "Conflict": _json_body(_ref("Error"), "the switch cannot do it in its configuration"),
 }
@@ -306,6 +312,7 @@ def _write(method: str, summary: str, responses: dict[str, Any], *, operation_id
         operation["requestBody"] = {"required": True,
                                     "content": {"application/json": {"schema": body}}}
         operation["responses"].setdefault("400", _response("BadRequest"))
+        operation["responses"]["413"] = _response("TooLarge")
     return {method: operation}
 
 
@@ -425,6 +432,7 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
             {"200": _json_body(_ref("ReloadResult"), "applied"),
              "400": _json_body(_ref("ReloadResult"), "rejected: the running configuration"
                                                      " stays"),
+             "500": _json_body(_ref("ReloadResult"), "the reload failed unexpectedly"),
              "501": _json_body(_ref("ReloadResult"), "reload is not available")},
             operation_id="reloadConfiguration"),
     }

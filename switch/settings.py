@@ -36,6 +36,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from fairuse.policy import FairUse
+from switch.admin import AdminSettings
 from switch.dialplan import DialPlanError, EmergencyNumbers, extension_conflicts
 
 __all__ = [
@@ -972,6 +973,7 @@ class Settings(_Model):
     trunks: list[TrunkSettings] = Field(default_factory=list, max_length=100)
     emergency: Emergency = Field(default_factory=Emergency)
     fair_use: FairUse = Field(default_factory=FairUse)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Settings:
