@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 VENV_STAMP = $(VENV)/.installed-softswitch
 
 # Debian packages the tests need, as command:package pairs.
-DEBIAN_DEPS = sipp:sip-tester redis-server:redis-server ip:iproute2 unshare:util-linux openssl:openssl rtpengine:rtpengine-daemon baresip:baresip
+DEBIAN_DEPS = sipp:sip-tester redis-server:redis-server ip:iproute2 unshare:util-linux openssl:openssl rtpengine:rtpengine-daemon baresip:baresip chromium:chromium
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 APT_ENV = DEBIAN_FRONTEND=noninteractive
 
