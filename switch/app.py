@@ -36,6 +36,7 @@ from .cdr import CallRecord, LedgerLockedError, ledger_from_settings
 from .dialplan import DialPlan
 from .directory import DeviceDirectory
 from .keepalive import ContactKeepalive
+from .lifecycle import AvailabilityTracker, availability_path, drain
 from .location import BindingStore, create_store
 from .metrics import SwitchMetrics
 from .registrar import Registrar
@@ -75,6 +76,7 @@ class Softswitch:
         self.settings = settings
         self.config_path = config_path  # what reload() reads again
         self.metrics = metrics or SwitchMetrics()
+        self.metrics.enable_process_metrics()  # process_* and python_info (health)
         self.directory = DeviceDirectory(settings)
         # Emergency, test and helpline dial strings: the packaged table, the operator's
         # file (emergency.numbers_file) on top; SIGHUP re-reads them without a restart.
@@ -160,6 +162,9 @@ class Softswitch:
         self.calls.fairuse = self.fairuse
         self.registrar.on_registered = self._device_registered
         self.ledger, self.billing = ledger_from_settings(settings.cdr)
+        # availability accounting (uptime, monthly availability): beside the CDR directory
+        self.availability = AvailabilityTracker(availability_path(settings.cdr.directory),
+                                                metrics=self.metrics)
         self.admin = AdminServer(self, settings.admin)
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
@@ -337,8 +342,11 @@ class Softswitch:
                 tls_context if entry.transport == "tls" else None,
             )
             self.listening.append((entry.transport, host, port))
+        self.availability.open()  # available from here: SIP listeners are up
+        self._background.append(asyncio.create_task(self.availability.run()))
         self._background.append(asyncio.create_task(self._sweep_expired()))
         self._background.append(asyncio.create_task(self._emergency_housekeeping()))
+        self._background.append(asyncio.create_task(self._watch_overload()))
         if self.emergency.activation is not None and self.settings.emergency.provider:
             self._background.append(asyncio.create_task(self.emergency.run_activation(
                 self.settings.emergency.provider.sync_interval)))
@@ -368,6 +376,25 @@ class Softswitch:
                 log.exception("emergency.test_call_failed", device=schedule.device)
             await asyncio.sleep(schedule.every_minutes * 60)
 
+    async def _watch_overload(self, period: float = 0.1, high: float = 0.25,
+                              low: float = 0.05) -> None:
+        """Overload control: the lag of a 100 ms timer tells how far behind the event
+        loop is. Beyond 250 ms new ordinary calls are refused with 503 until it falls
+        under 50 ms again; emergency calls are never shed."""
+        loop = asyncio.get_running_loop()
+        lag = 0.0
+        while True:
+            started = loop.time()
+            await asyncio.sleep(period)
+            sample = loop.time() - started - period
+            lag = 0.7 * lag + 0.3 * sample  # smoothed: one slow iteration is not overload
+            if not self.calls.overloaded and lag > high:
+                self.calls.overloaded = True
+                log.warning("switch.overloaded", lag_ms=round(lag * 1000, 1))
+            elif self.calls.overloaded and lag < low:
+                self.calls.overloaded = False
+                log.info("switch.overload_ended", lag_ms=round(lag * 1000, 1))
+
     async def _emergency_housekeeping(self) -> None:
         """Hourly: expired callback windows dropped, audit files past the retention
         pruned (in a worker thread: pruning waits for the journal writer)."""
@@ -396,7 +423,27 @@ class Softswitch:
                 raise
             except Exception as exc:  # a store outage must not kill the sweeper
                 log.warning("registrar.sweep_failed", error=str(exc))
+            self.refresh_gauges()
             await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+
+    def refresh_gauges(self) -> None:
+        """Gauges read from their owners at each sweep: media sessions anchored, relay
+        port pairs free (built-in relay only), configured devices without a dispatchable
+        location (EM-81). Never raises: a failure is logged and the sweep goes on."""
+        try:
+            sessions = getattr(self.media, "session_count", None)
+            if sessions is None:  # rtpengine or no backend: the calls with anchored media
+                sessions = sum(1 for call in self.calls.calls.values() if call.media)
+            self.metrics.media_sessions_active.set(sessions)
+            ports = getattr(self.media, "ports", None)
+            if ports is not None:
+                self.metrics.media_ports_free.set(ports.available)
+            locations = self.emergency.locations
+            self.metrics.emergency_devices_without_location.set(sum(
+                1 for _, device in self.settings.iter_devices()
+                if not locations.has_location(device.username or device.extension)))
+        except Exception as exc:
+            log.warning("metrics.refresh_failed", error=str(exc))
 
     async def stop(self) -> None:
         await self.admin.stop()
@@ -414,6 +461,7 @@ class Softswitch:
         await self.emergency.close()
         await self.fairuse.close()
         await self.store.close()
+        self.availability.close()
         log.info("switch.stopped")
 
 
@@ -448,6 +496,11 @@ async def serve(settings: Settings, config_path: str | None = None) -> None:
     gc.set_threshold(young, middle, 100)
     try:
         await stop.wait()
+        # Graceful shutdown: new INVITEs get 503 + Retry-After, calls in progress have
+        # calls.shutdown_grace seconds to end (a second SIGTERM/SIGINT cuts it short);
+        # stop() then hangs up the rest and flushes the CDR ledger and emergency journal.
+        stop.clear()
+        await drain(switch, switch.settings.calls.shutdown_grace, interrupted=stop)
     finally:
         await switch.stop()
 

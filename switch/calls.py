@@ -40,7 +40,7 @@ from .dialplan import DestinationKind, DialPlan
 from .directory import Device, DeviceDirectory
 from .identity import identity_for_request, inbound_identity
 from .location import BindingStore
-from .metrics import SwitchMetrics
+from .metrics import SwitchMetrics, call_kind_label
 from .registrar import contact_flow
 from .signalling import RequestTimeout, SignallingCore
 from .trunks import TrunkRegistry, answer_challenge, from_header, open_flow, request_uri_for
@@ -137,6 +137,7 @@ class Call:
     location_sent_at: float = float("-inf")  # last device location update relayed (EM-42)
     pending_location: tuple[str, bytes] | None = None  # the latest one held back
     forwarded: bool = False
+    setup_observed: bool = False  # the setup time (first 18x or 2xx) is in the histogram
 
     @property
     def caller_tag(self) -> str:
@@ -191,6 +192,7 @@ class CallControl:
         self.wall_clock = wall_clock
         self.emergency = emergency  # e911.service.EmergencyService (None: plain hand-off)
         self.fairuse = None  # fairuse.service.FairUseService (None: no fair-use policy)
+        self.overloaded = False  # set by the switch's event-loop lag watch
         self.calls: dict[str, Call] = {}
         # calls carried by each trunk, oldest first (channel limits, emergency preemption)
         self.trunk_calls: dict[str, list[Call]] = {}
@@ -227,6 +229,19 @@ class CallControl:
             self.core.respond(transaction, response)
         except Exception as exc:  # a response the transaction state no longer allows
             log.info("calls.response_dropped", status=status, error=str(exc))
+            return
+        if isinstance(call_or_tx, Call) and 180 <= status < 300:
+            self._setup_reached(call_or_tx)
+
+    def _setup_reached(self, call: Call) -> None:
+        """The caller got its first 18x or 2xx: the call's setup time goes into the
+        histogram, once per call."""
+        kind = call_kind_label(call.classification)
+        if call.setup_observed or kind is None:
+            return
+        call.setup_observed = True
+        self.metrics.call_setup_seconds.labels(kind).observe(
+            max(0.0, self.wall_clock() - call.started_at))
 
     def _refuse(self, transaction: ServerTransaction, request: SipRequest, status: int,
                 reason: str, **context) -> None:
@@ -252,6 +267,13 @@ class CallControl:
 
     # -- new calls ---------------------------------------------------------------------
     def on_invite(self, request: SipRequest, transaction: ServerTransaction) -> None:
+        if self.overloaded and not self._dials_emergency(request):
+            # the event loop lags: new ordinary calls are shed at once, so that the
+            # calls in progress and emergency calls keep the processor they need
+            self.metrics.sip_requests_rejected.labels("INVITE", "503").inc()
+            self._respond(transaction, request, 503, "Overloaded, try again later",
+                          to_tag=new_tag(), headers=[("Retry-After", "5")])
+            return
         self._spawn(self._new_call_or_500(request, transaction))
 
     async def _new_call_or_500(self, request: SipRequest,
@@ -1056,6 +1078,7 @@ class CallControl:
                                          headers=extra, body=body)
         self.core.respond(call.a_transaction, call.ok_response)
         self.metrics.calls_answered.inc()
+        self._setup_reached(call)
         self._schedule_duration_cut(call)
         log.info("call.answered", call_id=call.call_id,
                  caller=call.caller.extension if call.caller else call.caller_number,
@@ -1689,6 +1712,10 @@ class CallControl:
             self.dialogs.pop((leg.dialog.call_id, leg.dialog.local_tag), None)
         self.metrics.calls_active.dec()
         self.metrics.calls_ended.labels(cause).inc()
+        kind = call_kind_label(call.classification)
+        if call.answered_at is not None and kind is not None:
+            self.metrics.call_duration_seconds.labels(kind).observe(
+                max(0.0, call.ended_at - call.answered_at))
         self._untrack_trunk(call)
         self._stop_announcement(call)
         for handle in call.duration_timers:

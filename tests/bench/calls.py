@@ -378,10 +378,13 @@ def _ramp(
 
 def calls_config_text(port: int, devices: int) -> str:
     """One account of ``devices`` devices (the REGISTER bench's generator), no media
-    anchoring, long no-answer and session timers (nothing fires during a step)."""
+    anchoring, long no-answer and session timers (nothing fires during a step), fair use
+    off (one account placing hundreds of calls a second is what its call-rate limits
+    refuse; Sippy has no such policy either)."""
     return switch_config_text(port=port, accounts=1, devices_per_account=devices) + (
         "media: {backend: none}\n"
         "calls: {no_answer_timeout: 60, session_expires: 1800}\n"
+        "fair_use: {enabled: false}\n"
     )
 
 

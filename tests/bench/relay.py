@@ -606,6 +606,7 @@ def relay_config_text(port: int, calls: int) -> str:
         f"  {{backend: relay, bind_host: {LOOPBACK}, port_min: {RELAY_PORT_MIN}, "
         f"port_max: {RELAY_PORT_MAX}, media_timeout: 0}}",
         "calls: {no_answer_timeout: 60, session_expires: 1800}",
+        "fair_use: {enabled: false}  # one caller per account with hundreds of calls up",
     ]
     return "\n".join(lines) + "\n"
 

@@ -283,3 +283,52 @@ async def test_a_did_pending_at_the_provider_is_reported_and_its_calls_still_go_
     assert readiness.returncode == 1, readiness
     assert f"{ALICE.settings['did']}: emergency service pending at the provider" in (
         readiness.stdout), readiness.stdout
+
+
+async def test_under_overload_ordinary_calls_are_shed_and_emergency_calls_are_not(
+    tmp_path: Path,
+) -> None:
+    """Overload control: while the event loop lags, new ordinary INVITEs get 503 with
+    Retry-After at once; an emergency call is still routed."""
+    from switch.app import Softswitch
+    from switch.settings import load_settings_text
+    from switch_process import Listener, build_config
+
+    port = free_port("udp", TRUNK_HOST)
+    sip_port = free_port("udp", "127.0.0.1")
+    sections = {
+        "media": {"backend": "none"},
+        "dialplan": {"country": "FR", "outside_line_prefix": "0"},
+        "trunks": [{"id": "nat", "kind": "peer", "host": TRUNK_HOST, "port": port,
+                    "transport": "udp", "addresses": [f"{TRUNK_HOST}/32"],
+                    "emergency": {"profile": "nat"}}],
+        "emergency": {"sites": [{
+            "id": "lyon", "country": "FR",
+            "address": {"country": "FR", "A1": "69", "A3": "Lyon",
+                        "RD": "Rue de la République", "HNO": "10", "PC": "69002"},
+            "routes": ["nat"], "locations": [{"id": "b312", "FLR": "3"}]}]},
+    }  # fmt: skip
+    config = tmp_path / "switch.yaml"
+    config.write_text(build_config([Listener("udp", "127.0.0.1", sip_port)], [ALICE],
+                                   sections=sections))
+    switch = Softswitch(load_settings_text(config.read_text(), str(config)))
+    await switch.start()
+    try:
+        async with EmergencyTrunkUAS([200], port=port) as trunk, \
+                SipUA(ALICE.extension, ALICE.password, ("127.0.0.1", sip_port)) as alice:
+            assert (await alice.register(expires=60)).status == 200
+            switch.calls.overloaded = True
+            shed = await alice.invite("0478000000", timeout=5)
+            assert shed.status == 503 and shed.final.header("Retry-After") == "5", shed.final
+            assert shed.challenges == []  # refused before any digest work
+            call = await alice.invite("112", timeout=10)
+            assert call.status == 200, call.final
+            assert len(trunk.invites) == 1
+            assert str(trunk.invites[0][2].uri).startswith("sip:112@")
+            await call.bye()
+            switch.calls.overloaded = False
+            ordinary = await alice.invite("0478000000", timeout=5)
+            assert ordinary.status == 200, ordinary.final
+            await ordinary.bye()
+    finally:
+        await switch.stop()
