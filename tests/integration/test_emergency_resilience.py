@@ -290,9 +290,10 @@ async def test_under_overload_ordinary_calls_are_shed_and_emergency_calls_are_no
 ) -> None:
     """Overload control: while the event loop lags, new ordinary INVITEs get 503 with
     Retry-After at once; an emergency call is still routed."""
+    from switch_process import Listener, build_config
+
     from switch.app import Softswitch
     from switch.settings import load_settings_text
-    from switch_process import Listener, build_config
 
     port = free_port("udp", TRUNK_HOST)
     sip_port = free_port("udp", "127.0.0.1")
