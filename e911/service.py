@@ -494,6 +494,9 @@ class EmergencyService:
             return None
 
     def invite_sent(self, ctx: EmergencyCall, trunk: Any, request: Any) -> None:
+        if not ctx.attempts:  # the first route's INVITE: the setup latency of the call
+            self.metrics.emergency_setup_seconds.labels(ctx.number_class).observe(
+                max(0.0, self.wall_clock() - ctx.started))
         ctx.trunk_id = trunk.id
         ctx.attempts.append({"trunk": trunk.id, "sent": self.wall_clock()})
         identity = [(name, value) for name, value in request.headers
@@ -541,12 +544,20 @@ class EmergencyService:
     def finished(self, ctx: EmergencyCall, call: Any, cause: str) -> None:
         outcome = ("answered" if getattr(call, "answered_at", None) else
                    "cancelled" if cause == "cancelled" else "failed")
-        self.metrics.emergency_outcomes.labels(outcome).inc()
+        self.metrics.emergency_outcomes.labels(outcome, self._profile_label(ctx)).inc()
         self.journal.record(ctx.call_id, "ended", cause=cause, outcome=outcome,
                             status=getattr(call, "final_status", None))
         if outcome != "answered":
             ctx.outcome = "FAILED" if outcome == "failed" else "CANCELLED"
             self._notify(ctx)
+
+    def _profile_label(self, ctx: EmergencyCall) -> str:
+        """The emergency profile of the call's last route (an INVITE built without one
+        uses the national profile), "none" when no INVITE went out."""
+        if ctx.trunk_id is None:
+            return "none"
+        profile = self.profiles.get(ctx.trunk_id)
+        return str(profile.kind if profile is not None else ProfileKind.NAT)
 
     def test_result(self, ctx: EmergencyCall, trunk: Any, status: int | None,
                     text: bytes) -> None:

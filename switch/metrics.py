@@ -4,24 +4,53 @@ One `SwitchMetrics` per switch process, with its own registry (no global state).
 Labels are low-cardinality: methods outside the known set are folded into
 "other", statuses are exact codes (a bounded set), reasons are fixed strings.
 Every metric here is written by the code that owns it; docs/metrics.md lists them.
+No metric carries an account, device or number label.
+`enable_process_metrics` adds prometheus-client's process and platform collectors
+(process_*, python_info) to the same registry, for the switch process itself.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from sip.validation import KNOWN_METHODS
 
 PREFIX = "softswitch"
+
+# The `kind` label of the call histograms: the dial plan's classes a call can reach.
+CALL_KINDS = ("internal", "external", "emergency")
+# INVITE received -> first 18x or 2xx sent to the caller (post-dial delay), seconds
+SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0)
+# answered -> ended, seconds (ACD is sum / count)
+DURATION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+                    7200.0, 14400.0)
+# emergency call classified -> INVITE sent to the first route (EM-82: no slow path), seconds
+EMERGENCY_SETUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                           2.5, 5.0)
 
 
 def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
 
 
+def call_kind_label(classification: str) -> str | None:
+    """The `kind` label of a call (internal, external, emergency); None for any other
+    classification (an invalid number never reaches setup)."""
+    return classification if classification in CALL_KINDS else None
+
+
 class SwitchMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._process_collectors: tuple[ProcessCollector, PlatformCollector] | None = None
         r = self.registry
         self.sip_messages = Counter(
             f"{PREFIX}_sip_messages",
@@ -107,6 +136,31 @@ class SwitchMetrics:
             ["cause"],
             registry=r,
         )
+        self.call_setup_seconds = Histogram(
+            f"{PREFIX}_call_setup_seconds",
+            "INVITE received to first 18x or 2xx sent to the caller, seconds, by kind "
+            "(internal, external, emergency)",
+            ["kind"],
+            buckets=SETUP_BUCKETS,
+            registry=r,
+        )
+        self.call_duration_seconds = Histogram(
+            f"{PREFIX}_call_duration_seconds",
+            "Answered calls: answer to end, seconds, by kind (internal, external, emergency)",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.media_sessions_active = Gauge(
+            f"{PREFIX}_media_sessions_active",
+            "Calls whose media is anchored by the media backend now",
+            registry=r,
+        )
+        self.media_ports_free = Gauge(
+            f"{PREFIX}_media_ports_free",
+            "RTP/RTCP port pairs free in the relay's port range",
+            registry=r,
+        )
         self.media_packets = Counter(
             f"{PREFIX}_media_packets",
             "RTP packets relayed for ended calls, by direction (caller_to_callee, "
@@ -134,8 +188,22 @@ class SwitchMetrics:
         )
         self.emergency_outcomes = Counter(
             f"{PREFIX}_emergency_call_outcomes",
-            "Emergency calls ended, by outcome (answered, failed, cancelled)",
-            ["outcome"],
+            "Emergency calls ended, by outcome (answered, failed, cancelled) and the "
+            "emergency profile of the last route tried (dlr, pidf, i3, nat; none)",
+            ["outcome", "profile"],
+            registry=r,
+        )
+        self.emergency_setup_seconds = Histogram(
+            f"{PREFIX}_emergency_setup_seconds",
+            "Emergency call classified to INVITE sent to its first route, seconds, by "
+            "number class",
+            ["number_class"],
+            buckets=EMERGENCY_SETUP_BUCKETS,
+            registry=r,
+        )
+        self.emergency_devices_without_location = Gauge(
+            f"{PREFIX}_emergency_devices_without_location",
+            "Configured devices with no dispatchable location now",
             registry=r,
         )
         self.emergency_route_attempts = Counter(
@@ -201,6 +269,30 @@ class SwitchMetrics:
             f"{PREFIX}_sip_transactions_active",
             "SIP transactions in progress",
             registry=r,
+        )
+        # process lifecycle (switch/lifecycle.py): written by the availability tracker
+        self.uptime_seconds = Gauge(
+            f"{PREFIX}_uptime_seconds",
+            "Seconds since this switch process became available (SIP listeners up); 0 "
+            "while draining for a shutdown",
+            registry=r,
+        )
+        self.availability_ratio = Gauge(
+            f"{PREFIX}_availability_ratio",
+            "This UTC month's availability: (minutes of the month - minutes unavailable) "
+            "/ minutes of the month",
+            registry=r,
+        )
+
+    def enable_process_metrics(self) -> None:
+        """Process health on this registry: CPU, memory, open files, start time
+        (process_*, from /proc; nothing on systems without it) and python_info.
+        Idempotent: a second call adds nothing."""
+        if self._process_collectors is not None:
+            return
+        self._process_collectors = (
+            ProcessCollector(registry=self.registry),
+            PlatformCollector(registry=self.registry),
         )
 
     def message_in(self, method: str, status: int | None) -> None:
