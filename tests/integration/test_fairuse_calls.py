@@ -589,3 +589,47 @@ async def test_autodialler_raises_the_sequential_warning_then_critical(
     assert [e["threshold"] for e in alerts] == [SEQUENTIAL_WARNING, SEQUENTIAL_CRITICAL]
     # warning, then critical: the alert's level as the log event gives it
     assert [e["alert_level"] for e in alerts] == ["warning", "critical"], alerts
+
+
+# --------------------------------------------------------------------------------------
+# 7: Redis unreachable: local counters, never a crash, emergency calls untouched
+# --------------------------------------------------------------------------------------
+
+
+async def test_with_redis_down_calls_go_on_with_local_counters(
+    switches: Switches, trunk: EmergencyTrunkUAS, phones: list[SipUA], tmp_path: Path,
+) -> None:
+    """The switch's fair-use store loses Redis mid-service: it says so in its log, keeps
+    admitting calls on this node's own counters (the account limit still holds locally)
+    and an emergency call still goes out."""
+    import shutil
+
+    from conftest import _start_redis, _stop
+
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is missing: `make test` installs it"
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    process, port = _start_redis(binary, redis_dir)
+    try:
+        store = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0",
+                 "key_prefix": f"fu-down-{uuid.uuid4().hex[:8]}:"}
+        fair_use = {"plans": {"one": {"concurrency": {"account": 1}}}}
+        # bindings live in Redis too: both phones register while it is up
+        node = switches.start("redis-down", fair_use, store=store)
+        caller = await _phone(phones, node, "1000")
+        await _phone(phones, node, "1001")
+        _stop(process)  # Redis is gone, by PID
+        first = await caller.invite(NATIONAL, timeout=WAIT_S)
+        assert first.status == 200, first.final
+        node.wait_for_event("fairuse.redis_unreachable", timeout=WAIT_S)
+        second = await _phone(phones, node, "1002", register=False)
+        refused = await second.invite(NATIONAL, timeout=WAIT_S)
+        assert refused.status == 503, refused.final  # the limit of 1 holds on local counters
+        emergency = await second.invite("112", timeout=WAIT_S)
+        assert emergency.status == 200, emergency.final
+        assert node.process is not None and node.process.poll() is None
+        await first.bye()
+        await emergency.bye()
+    finally:
+        _stop(process)
