@@ -33,6 +33,7 @@ from .admin import AdminServer
 from .auth import DigestAuthenticator, FailureBan, NonceCountTracker, NonceIssuer
 from .calls import CallControl, CallEnd
 from .cdr import CallRecord, LedgerLockedError, ledger_from_settings
+from .dashboard import register_dashboard
 from .dialplan import DialPlan
 from .directory import DeviceDirectory
 from .keepalive import ContactKeepalive
@@ -166,6 +167,7 @@ class Softswitch:
         self.availability = AvailabilityTracker(availability_path(settings.cdr.directory),
                                                 metrics=self.metrics)
         self.admin = AdminServer(self, settings.admin)
+        self.admin.add_routes(register_dashboard)
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
         self.listening: list[tuple[str, str, int]] = []

@@ -1,9 +1,14 @@
-"""``python -m tests.bench [--quick] [--only register|kamailio|memory|profile|calls|relay]``
+"""``python -m tests.bench [--quick] [--only SCENARIO] [--emergency-load CPS]``
+
+SCENARIO: register, kamailio, memory, profile, calls, relay, emergency or fairuse
+(repeatable).
 
 Runs the REGISTER benchmarks (bench-results/register.{json,md,png}; with ``--only``, the
 other sections of an existing register.json are kept), the calls-per-second benchmark
-(calls.{json,md,png}) and the relayed-calls benchmark (relay.{json,md,png}). Only the
-files of the scenarios that ran are written.
+(calls.{json,md,png}), the relayed-calls benchmark (relay.{json,md,png}) and the
+emergency call setup latency benchmark (emergency.{json,md,png}). ``fairuse`` (no SIP:
+the fair-use admission cost and Redis round trips per call) writes fairuse.{json,md,png}.
+Only the files of the scenarios that ran are written.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import calls, register, relay, report
+from . import calls, emergency, fairuse, register, relay, report
 from .procs import REPO_ROOT, BenchError, machine_description
 
 REGISTER_SCENARIOS = ("register", "kamailio", "memory", "profile")
-SCENARIOS = (*REGISTER_SCENARIOS, "calls", "relay")
+SCENARIOS = (*REGISTER_SCENARIOS, "calls", "relay", "emergency", "fairuse")
 FALLBACK_CLEAN_RATE = 1000
 
 
@@ -32,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="run only this scenario (repeatable)")
     parser.add_argument("--rate", type=int, default=None,
                         help="clean rate for memory/profile when the ramp is not run")
+    parser.add_argument("--emergency-load", type=int, default=None, metavar="CPS",
+                        help="emergency: background calls/s while the emergency calls are "
+                             f"placed (default {emergency.DEFAULT_BACKGROUND_RATE})")
     parser.add_argument("--output", default=str(REPO_ROOT / "bench-results"),
                         help="results folder (default: bench-results/)")
     return parser
@@ -39,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for tool in ("sipp",):
+    for tool in ("sipp",) if set(args.only or SCENARIOS) - {"fairuse"} else ():
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (apt-get install sip-tester)", file=sys.stderr)
             return 2
@@ -54,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, runner, markdown, plot in (
         ("calls", calls.run_calls, report.calls_markdown, report.calls_plot),
         ("relay", relay.run_relay, report.relay_markdown, report.relay_plot),
+        ("emergency",
+         lambda quick, workdir: emergency.run_emergency(
+             quick, workdir, background_rate=args.emergency_load),
+         report.emergency_markdown, report.emergency_plot),
+        ("fairuse", fairuse.run_fairuse, report.fairuse_markdown, report.fairuse_plot),
     ):
         if name in chosen and status != 130:
             status = max(status, _other_benchmark(

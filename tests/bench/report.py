@@ -499,3 +499,282 @@ def relay_plot(results: dict, path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+# --------------------------------------------------------------------------------------
+# emergency.{md,png}: emergency call setup latency, idle and under call load
+# --------------------------------------------------------------------------------------
+
+
+def _stat(phase: dict, group: str, key: str, digits: int = 1) -> str:
+    return _num((phase.get(group) or {}).get(key), digits)
+
+
+def emergency_markdown(results: dict) -> str:
+    out = ["# Emergency call setup latency (device INVITE → emergency trunk INVITE)", "",
+           _machine_line(results), ""]
+    criteria = results.get("criteria")
+    if criteria:
+        out += [
+            f"Latency: {criteria['latency']}. Each phase places {criteria['calls_per_phase']} "
+            f"emergency calls one at a time (at most {criteria['pace_per_s']:g}/s, rotating "
+            f"over {criteria['devices']} devices), dialling {criteria['dialled']}; the "
+            f"emergency trunk, profile {criteria['trunk_profile']}, answers 200 at once and "
+            f"the device hangs up. Loaded: {criteria['background']}. A failure: "
+            f"{criteria['failure']}.", "",
+            f"Switch: {results.get('server', '—')}. Everything shares the machine's "
+            f"{(results.get('machine') or {}).get('nproc', '?')} cores: the switch, the SIPp "
+            "caller and callee of the background load, the measuring child process (the "
+            "devices and the emergency trunk, Python asyncio) and the harness. Under load the "
+            "figures include CPU contention on those cores, not only the switch's own queueing; "
+            "the measuring child's event-loop lag is given so its share can be judged.", "",
+        ]
+    out += _outcomes(results, ())
+    idle, loaded = results.get("idle") or {}, results.get("loaded") or {}
+    if idle or loaded:
+        background = loaded.get("background") or {}
+        out += ["| measure | idle | loaded |", "| --- | ---: | ---: |"]
+        out.append(f"| emergency calls ok / placed | {_num(idle.get('ok'))} / "
+                   f"{_num(idle.get('calls'))} | {_num(loaded.get('ok'))} / "
+                   f"{_num(loaded.get('calls'))} |")
+        out.append(f"| failures | {_num(idle.get('failures'))} | "
+                   f"{_num(loaded.get('failures'))} |")
+        for key in ("p50", "p90", "p95", "p99", "max", "mean"):
+            label = f"**{key}**" if key in ("p50", "p99") else key
+            out.append(f"| setup latency {label} (ms) | {_stat(idle, 'latency_ms', key, 2)} | "
+                       f"{_stat(loaded, 'latency_ms', key, 2)} |")
+        for key in ("p50", "p99"):
+            out.append(f"| INVITE with credentials → 200 at the device, {key} (ms) | "
+                       f"{_stat(idle, 'answer_ms', key, 2)} | "
+                       f"{_stat(loaded, 'answer_ms', key, 2)} |")
+        out.append(f"| background offered calls/s | — | "
+                   f"{_num(background.get('offered_rate'))} |")
+        out.append(f"| background successful calls/s during the emergency calls | — | "
+                   f"{_num(background.get('rate_during_emergency_calls'), 1)} |")
+        out.append(f"| background calls ok / failed (whole SIPp run) | — | "
+                   f"{_num(background.get('ok'))} / {_num(background.get('failed'))} |")
+        out.append(f"| background retransmissions (SIPp caller) | — | "
+                   f"{_num(background.get('retransmissions'))} |")
+        out.append(f"| switch CPU over the phase (% of one core) | "
+                   f"{_num(idle.get('switch_cpu_percent'))} | "
+                   f"{_num(loaded.get('switch_cpu_percent'))} |")
+        for title, key in (
+            ("SIPp, measuring child and harness CPU (% of one core)",
+             "sipp_and_measuring_cpu_percent"),
+            ("other processes on the machine, not this benchmark (% of one core)",
+             "other_processes_cpu_percent"),
+            ("whole machine busy (% of one core; 100 × cores = all busy)",
+             "machine_busy_percent"),
+        ):
+            out.append(f"| {title} | {_num(idle.get(key))} | {_num(loaded.get(key))} |")
+        out.append(f"| measuring child's event-loop lag p99 / max (ms) | "
+                   f"{_stat(idle, 'loop_lag_ms', 'p99', 2)} / "
+                   f"{_stat(idle, 'loop_lag_ms', 'max', 2)} | "
+                   f"{_stat(loaded, 'loop_lag_ms', 'p99', 2)} / "
+                   f"{_stat(loaded, 'loop_lag_ms', 'max', 2)} |")
+        out.append("")
+        ratio = results.get("loaded_to_idle_p50")
+        if ratio is not None:
+            out += [f"Loaded / idle (p50 setup latency): **{ratio:.2f}**", ""]
+        if background.get("problems"):
+            out += ["**The loaded phase was not under the intended load:** "
+                    + "; ".join(background["problems"]) + ".", ""]
+        reasons = [f"- {name} failure: {reason}" for name, phase in
+                   (("idle", idle), ("loaded", loaded))
+                   for reason in phase.get("failure_reasons") or []]
+        if reasons:
+            out += [*reasons, ""]
+        uri = idle.get("trunk_request_uri") or loaded.get("trunk_request_uri")
+        if uri:
+            out += [f"Request-URI at the emergency trunk: `{uri}`.", ""]
+    log = results.get("switch_log") or {}
+    if log.get("events"):
+        out += ["Switch log (level warning) by event:", "", "| level event | lines |",
+                "| --- | ---: |"]
+        out += [f"| `{name}` | {count:,} |" for name, count in log["events"].items()]
+        out.append("")
+        for line in log.get("first_errors") or []:
+            out.append(f"- `{line}`")
+        out.append("")
+    return "\n".join(out)
+
+
+def emergency_plot(results: dict, path: Path) -> bool:
+    """Latency CDF idle vs loaded, and each call's latency in order."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    figure, (cdf_axes, series_axes) = plt.subplots(1, 2, figsize=(12, 5))
+    plotted = False
+    background = ((results.get("loaded") or {}).get("background") or {})
+    for key, name, marker in (("idle", "idle", "o"), ("loaded", "under call load", "s")):
+        values = (results.get(key) or {}).get("latencies_ms") or []
+        if not values:
+            continue
+        if key == "loaded" and background.get("rate_during_emergency_calls") is not None:
+            name += f" ({background['rate_during_emergency_calls']:,.0f} calls/s)"
+        ordered = sorted(values)
+        shares = [(index + 1) / len(ordered) for index in range(len(ordered))]
+        line = cdf_axes.step(ordered, shares, where="post", label=name)[0]
+        series_axes.plot(range(1, len(values) + 1), values, marker=marker, markersize=3,
+                         linestyle="none", label=name, color=line.get_color())
+        plotted = True
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    cdf_axes.set_xscale("log")
+    cdf_axes.set_xlabel("setup latency, device INVITE → emergency trunk INVITE (ms)")
+    cdf_axes.set_ylabel("share of emergency calls")
+    cdf_axes.set_title("emergency call setup latency (CDF)")
+    series_axes.set_yscale("log")
+    series_axes.set_xlabel("emergency call, in order")
+    series_axes.set_ylabel("setup latency (ms)")
+    series_axes.set_title("each call (same machine as the load generator)")
+    for axes, scale in ((cdf_axes, cdf_axes.xaxis), (series_axes, series_axes.yaxis)):
+        scale.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        scale.set_major_formatter(ScalarFormatter())
+        scale.set_minor_formatter(NullFormatter())
+        axes.grid(True, alpha=0.3, which="both")
+        if plotted:
+            axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# fair use (bench-results/fairuse.{json,md,png})
+# --------------------------------------------------------------------------------------
+
+_FAIRUSE_ROWS = (
+    ("destination rules (`DestinationRules.check`)", None, "destination_check"),
+    ("decision (`fairuse.admission.decide`)", None, "decide"),
+    ("`FairUseService.admit`, memory store", "service_memory", "admit"),
+    ("`FairUseService.call_ended`, memory store", "service_memory", "call_ended"),
+    ("`admit`, Redis (fallback store, as the switch)", "service_redis", "admit"),
+    ("`call_ended`, Redis (fallback store)", "service_redis", "call_ended"),
+    ("`admit`, Redis store alone", "service_redis_direct", "admit"),
+    ("`call_ended`, Redis store alone", "service_redis_direct", "call_ended"),
+)
+
+
+def _fairuse_stats(run: dict, section: str | None, key: str) -> dict:
+    holder = run if section is None else (run.get(section) or {})
+    return holder.get(key) or {}
+
+
+def fairuse_markdown(results: dict) -> str:
+    """The fair-use admission benchmark as Markdown."""
+    machine = results.get("machine", {})
+    plan = results.get("plan", {})
+    runs = results.get("runs") or []
+    out = [
+        "# Fair-use admission benchmark",
+        "",
+        f"{machine.get('date', '')}: {machine.get('nproc', '?')} × "
+        f"{machine.get('cpu_model', '?')}, Python {machine.get('python', '?')}, "
+        f"redis-server {results.get('redis_version', '?')} on loopback; other work may share "
+        f"the machine. Command: `{results.get('command', 'python -m tests.bench')}`.",
+        "",
+    ]
+    if "error" in results:
+        out += [f"error: {results['error']}", ""]
+    if not runs:
+        return "\n".join(out) + "\n"
+    out += [
+        f"{plan.get('decisions', 0):,} decisions on a mix of {plan.get('numbers_in_mix', '?')} "
+        f"numbers; {plan.get('service_calls', 0):,} calls through `FairUseService` with the "
+        f"memory store, {plan.get('redis_calls', 0):,} with Redis, spread over "
+        f"{plan.get('accounts', 0):,} accounts. {plan.get('order', '')}. Times in µs per call "
+        f"(`perf_counter_ns` around each call; the timer itself costs "
+        f"{results.get('timer_overhead_ns', '?')} ns).",
+        "",
+    ]
+    header = "| measure |"
+    rule_line = "| --- |"
+    for run in runs:
+        header += f" {run['rules']:,} rules p50 | p99 | mean |"
+        rule_line += " ---: | ---: | ---: |"
+    if len(runs) > 1:
+        header += " p50 ratio |"
+        rule_line += " ---: |"
+    out += [header, rule_line]
+    for label, section, key in _FAIRUSE_ROWS:
+        stats = [_fairuse_stats(run, section, key) for run in runs]
+        if not any(stats):
+            continue
+        row = f"| {label} |"
+        for stat in stats:
+            row += (f" {_num(stat.get('p50_us'), 1)} | {_num(stat.get('p99_us'), 1)} |"
+                    f" {_num(stat.get('mean_us'), 1)} |")
+        if len(runs) > 1:
+            first, last = stats[0].get("p50_us"), stats[-1].get("p50_us")
+            row += f" {last / first:.2f} |" if first and last else " — |"
+        out.append(row)
+    out += ["", "| rules | blacklisted prefixes | prefix classes | exception prefixes "
+                "(the account's) | policy load (ms) | outcomes of the mix (decide) |",
+            "| ---: | ---: | ---: | ---: | ---: | --- |"]
+    for run in runs:
+        outcomes = ", ".join(f"{name} {count:,}"
+                             for name, count in (run.get("outcomes") or {}).items())
+        out.append(f"| {run['rules']:,} | {run.get('blacklist_prefixes', 0):,} | "
+                   f"{run.get('prefix_classes', 0):,} | {run.get('exception_prefixes', 0):,} | "
+                   f"{_num(run.get('policy_load_ms'), 1)} | {outcomes} |")
+    out += ["", "Redis round trips and commands per admitted call (client requests written, "
+                "a pipeline counting once; server `INFO commandstats`):", "",
+            "| rules | calls | round trips: admit | call_ended | total | commands: admit "
+            "| call_ended |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        trips = run.get("round_trips") or {}
+        out.append(f"| {run['rules']:,} | {trips.get('calls', 0):,} | {trips.get('admit')} | "
+                   f"{trips.get('call_ended')} | {trips.get('total')} | "
+                   f"{trips.get('commands_admit')} | {trips.get('commands_call_ended')} |")
+    names = (runs[-1].get("round_trips") or {}).get("commands_by_name") or {}
+    if names:
+        out += ["", "Commands per call: " + ", ".join(
+            f"{name.upper()} {count:g}" for name, count in names.items()) + "."]
+    flatness = results.get("flatness") or {}
+    if flatness:
+        out += ["", "10,000 rules / 10 rules: " + ", ".join(
+            f"{name.replace('_', ' ')} {value:.2f}" for name, value in flatness.items()) + "."]
+    return "\n".join(out) + "\n"
+
+
+def fairuse_plot(results: dict, path: Path) -> bool:
+    """p50 and p99 per measure with 10 and 10,000 rules; Redis round trips per call."""
+    plt = _pyplot()
+    runs = results.get("runs") or []
+    if plt is None or not runs:
+        return False
+    figure, (cost_axes, trips_axes) = plt.subplots(
+        1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 1]})
+    labels = ["check", "decide", "admit\nmemory", "ended\nmemory", "admit\nredis",
+              "ended\nredis", "admit\nredis alone", "ended\nredis alone"]
+    width = 0.8 / len(runs)
+    for index, run in enumerate(runs):
+        p50 = [_fairuse_stats(run, s, k).get("p50_us") or 0 for _, s, k in _FAIRUSE_ROWS]
+        p99 = [_fairuse_stats(run, s, k).get("p99_us") or 0 for _, s, k in _FAIRUSE_ROWS]
+        positions = [x + (index - (len(runs) - 1) / 2) * width for x in range(len(labels))]
+        bars = cost_axes.bar(positions, p50, width, label=f"{run['rules']:,} rules, p50")
+        cost_axes.scatter(positions, p99, marker="_", s=200, color=bars.patches[0].get_facecolor(),
+                          label=f"{run['rules']:,} rules, p99")
+    cost_axes.set_yscale("log")
+    cost_axes.set_xticks(range(len(labels)), labels)
+    cost_axes.set_ylabel("µs per call")
+    cost_axes.set_title("fair-use admission cost, 10 vs 10,000 rules")
+    cost_axes.grid(True, axis="y", alpha=0.3, which="both")
+    cost_axes.legend(fontsize=8)
+    trips = runs[-1].get("round_trips") or {}
+    names = ["admit", "call_ended"]
+    trips_axes.bar([0, 1], [trips.get(n) or 0 for n in names], 0.4, label="round trips")
+    trips_axes.bar([0.4, 1.4], [trips.get(f"commands_{n}") or 0 for n in names], 0.4,
+                   label="commands")
+    trips_axes.set_xticks([0.2, 1.2], names)
+    trips_axes.set_title("Redis, per admitted call")
+    trips_axes.grid(True, axis="y", alpha=0.3)
+    trips_axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
