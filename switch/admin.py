@@ -4,7 +4,9 @@ Operators (and their tooling) reach the running switch here: the registrar's bin
 the B2BUA's active calls (list, hang up), devices and their emergency locations (read,
 set, history; EMERGENCY.md EM-50..EM-55), the emergency sites, readiness (EM-81), the
 audit journal export (EM-70), emergency test calls (EM-80), fair-use usage per account and
-runtime blacklist exceptions, configuration reload, and Prometheus metrics.
+runtime blacklist exceptions, configuration reload, availability (uptime and this month's
+availability), a person's data (export, erasure by pseudonymisation: switch/privacy.py),
+and Prometheus metrics.
 
 Security
     Every route except ``/healthz/*`` and ``/openapi.json`` needs ``Authorization: Bearer
@@ -58,7 +60,9 @@ from e911.service import readiness_of
 from fairuse.policy import AccountFairUse, BlacklistExceptions, FairUse
 from fairuse.store import month_of
 
-from .openapi import COUNTRY, E164_PREFIX, SIP_USERNAME, openapi_document
+from .lifecycle import AvailabilityError
+from .openapi import COUNTRY, E164_PREFIX, MONTH, SIP_USERNAME, openapi_document
+from .privacy import PrivacyBusyError, PrivacyError, erase_running, export_running
 
 if TYPE_CHECKING:
     from e911.locations import ResolvedLocation, Site
@@ -534,6 +538,9 @@ class AdminServer:
         r.add_put(f"{usage}/blacklist-exceptions", write(self._set_exceptions))
         r.add_delete(f"{usage}/blacklist-exceptions", write(self._clear_exceptions))
         r.add_post(f"{v1}/reload", write(self._reload))
+        r.add_get(f"{v1}/availability", read(self._availability))
+        r.add_get(f"{v1}/privacy/{{person}}", read(self._privacy_export))
+        r.add_post(f"{v1}/privacy/{{person}}/erase", write(self._privacy_erase))
         for register in self._registrars:
             register(app, self)
         return app
@@ -861,6 +868,44 @@ class AdminServer:
         log.info("admin.blacklist_exceptions_cleared", account=account.id,
                  token=request[TOKEN_KEY].name)
         return web.Response(status=204)
+
+    # -- availability and personal data ----------------------------------------------------
+    async def _availability(self, request: web.Request) -> web.Response:
+        tracker = getattr(self.switch, "availability", None)
+        if tracker is None:
+            raise ApiError(501, "availability accounting is not available in this build")
+        unknown = sorted(set(request.query) - {"month"})
+        if unknown:
+            raise ApiError(400, f"unknown query parameter {unknown[0]!r} (only month)")
+        month = request.query.get("month")
+        if month is not None and not re.match(MONTH, month):
+            raise ApiError(400, f"month must be YYYY-MM, not {month!r}")
+        try:
+            return _json(tracker.report(month))
+        except AvailabilityError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def _privacy_export(self, request: web.Request) -> web.Response:
+        person = request.match_info["person"]
+        try:
+            document = await export_running(self.switch, person)
+        except PrivacyError as exc:
+            raise ApiError(400, str(exc)) from None
+        log.info("admin.privacy_export", kind=document["kind"], token=request[TOKEN_KEY].name)
+        return _json(document)
+
+    async def _privacy_erase(self, request: web.Request) -> web.Response:
+        person = request.match_info["person"]
+        token: AdminToken = request[TOKEN_KEY]
+        try:
+            report = await erase_running(self.switch, person)
+        except PrivacyError as exc:
+            raise ApiError(409 if isinstance(exc, PrivacyBusyError) else 400,
+                           str(exc)) from None
+        log.warning("admin.privacy_erased", kind=report["kind"], token=token.name,
+                    cdr_records=report["cdr"]["records"],
+                    location_entries=report["location_history"].get("entries", 0))
+        return _json(report)
 
     # -- reload ---------------------------------------------------------------------------
     async def _reload(self, request: web.Request) -> web.Response:

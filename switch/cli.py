@@ -5,7 +5,16 @@ emergency audit journal (EMERGENCY.md EM-70) ``emergency export --config FILE [-
 for fair use ``usage ACCOUNT [--config FILE] [--month YYYY-MM] [--json]`` (an account's
 concurrent calls, minutes this month per line and pooled, and call-pattern alerts).
 
-Exit codes: 0 success, 2 unusable configuration (or bad command line), 130 interrupted.
+Everyday operations on the running switch, through its admin API (the address is the
+config's ``admin.listen``, or ``--url``; the bearer token ``--token`` or
+``$SOFTSWITCH_ADMIN_TOKEN``): ``registrations``, ``calls [--hangup CALL_ID]``,
+``location set USERNAME SITE [LOCATION]``, ``location history USERNAME``, ``reload``.
+Offline, on the switch's files: ``availability [--month YYYY-MM]`` (uptime and monthly
+availability) and ``privacy export|erase PERSON`` (a person's data; erasure pseudonymises
+CDRs and location history, keeps the emergency audit journal, and needs ``--yes``).
+
+Exit codes: 0 success, 1 failed (the switch refused, is unreachable, or a file problem),
+2 unusable configuration (or bad command line), 130 interrupted.
 A configuration problem is printed as ``file:line: key: problem`` lines, never as a
 traceback.
 """
@@ -127,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--json", dest="as_json", action="store_true",
                        help="print one JSON document instead of text")
+    _add_operations_commands(commands)
     return parser
 
 
@@ -808,6 +818,360 @@ def _usage_text(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+# --------------------------------------------------------------------------------------
+# Everyday operations on the running switch (its admin API), availability, personal data
+# --------------------------------------------------------------------------------------
+
+TOKEN_ENV = "SOFTSWITCH_ADMIN_TOKEN"
+ADMIN_TIMEOUT_S = 10.0
+EXIT_FAILED = 1
+
+
+def _add_operations_commands(commands: Any) -> None:
+    """``registrations``, ``calls``, ``location``, ``reload`` (the running switch's admin
+    API), ``availability`` and ``privacy`` (offline, on the switch's files)."""
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                     help="the switch's YAML: the admin API address is admin.listen")
+    api.add_argument("--url", metavar="URL",
+                     help="the admin API base URL instead (e.g. http://127.0.0.1:8080)")
+    api.add_argument("--token", metavar="TOKEN",
+                     help=f"bearer token (default: ${TOKEN_ENV}, which keeps it out of ps)")
+    api.add_argument("--json", dest="as_json", action="store_true",
+                     help="print the API's JSON answer instead of text")
+
+    commands.add_parser("registrations", parents=[api],
+                        help="registered contacts (bindings) of the running switch")
+    calls = commands.add_parser("calls", parents=[api],
+                                help="calls in progress; --hangup ends one")
+    calls.add_argument("--hangup", metavar="CALL_ID", help="hang up this call (BYE/CANCEL)")
+    location = commands.add_parser("location", help="a device's emergency location")
+    location_commands = location.add_subparsers(dest="location_command", metavar="COMMAND",
+                                                required=True)
+    location_set = location_commands.add_parser(
+        "set", parents=[api], help="set (confirm) a device's emergency location")
+    location_set.add_argument("username", metavar="USERNAME")
+    location_set.add_argument("site", metavar="SITE")
+    location_set.add_argument("location", metavar="LOCATION", nargs="?")
+    history = location_commands.add_parser(
+        "history", parents=[api], help="a device's journaled location changes")
+    history.add_argument("username", metavar="USERNAME")
+    commands.add_parser("reload", parents=[api],
+                        help="re-read and apply the YAML (refused whole when invalid)")
+
+    availability = commands.add_parser(
+        "availability", help="uptime and a month's availability, from the state file")
+    availability.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+    availability.add_argument("--month", type=_usage_month, metavar="YYYY-MM",
+                              help="the month (default: this month, UTC)")
+    availability.add_argument("--json", dest="as_json", action="store_true")
+
+    privacy = commands.add_parser("privacy", help="a person's data (GDPR export, erasure)")
+    privacy_commands = privacy.add_subparsers(dest="privacy_command", metavar="COMMAND",
+                                              required=True)
+    export = privacy_commands.add_parser(
+        "export", help="everything held about a person (device username or E.164 number)"
+                       " as JSON")
+    export.add_argument("person", metavar="PERSON")
+    export.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+    export.add_argument("--output", "-o", metavar="FILE", help="JSON file (default: stdout)")
+    erase = privacy_commands.add_parser(
+        "erase", help="pseudonymise a person in the CDRs and location history (switch"
+                      " stopped; the emergency audit journal is kept)",
+        description="Without --yes nothing is changed: the report says what would be. A"
+                    " running switch holds the CDR ledger: erase through its admin API"
+                    " (POST /api/v1/privacy/PERSON/erase) instead.")
+    erase.add_argument("person", metavar="PERSON")
+    erase.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE")
+    erase.add_argument("--yes", action="store_true", help="really erase")
+    erase.add_argument("--json", dest="as_json", action="store_true")
+
+
+class _ApiFailure(Exception):
+    """An admin API call that did not succeed; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _admin_base(args: argparse.Namespace) -> str:
+    if args.url:
+        if not re.match(r"^https?://[^/\s]+", args.url):
+            raise _ApiFailure(f"--url must be an http(s) URL, not {args.url!r}", EXIT_CONFIG)
+        return args.url.rstrip("/")
+    try:
+        admin = load_settings(args.config).admin
+    except ConfigError as error:
+        # A file being edited may not validate: the running switch still has its admin
+        # listener (and a reload is what reports the file's problems, from the switch).
+        admin = _admin_section_as_written(args.config)
+        if admin is None:
+            _print_errors(error)
+            raise _ApiFailure(f"{args.config}: unusable configuration", EXIT_CONFIG) from None
+    if not admin.enabled:
+        raise _ApiFailure(f"{args.config}: admin.enabled is false: the switch has no admin"
+                          " API (enable it, or give --url)", EXIT_CONFIG)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(admin.listen.host,
+                                                                    admin.listen.host)
+    if admin.listen.port == 0:
+        raise _ApiFailure(f"{args.config}: admin.listen.port is 0 (a free port picked at"
+                          " start): give --url", EXIT_CONFIG)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{admin.listen.port}"
+
+
+def _admin_section_as_written(path: str) -> Any:
+    """The ``admin:`` section of a YAML file that does not validate as a whole (None when
+    the section itself cannot be read)."""
+    from ruamel.yaml import YAML
+
+    from switch.admin import AdminSettings
+
+    try:
+        data = YAML(typ="safe").load(Path(path).read_text(encoding="utf-8"))
+        section = data.get("admin") if isinstance(data, dict) else None
+        if not isinstance(section, dict):
+            return None
+        return AdminSettings.model_validate(section)
+    except Exception:  # noqa: BLE001 - unreadable, not YAML, or an invalid section
+        return None
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str,
+                body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """(status, decoded JSON or None) of one admin API request; _ApiFailure for a
+    transport problem or an error status."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise _ApiFailure(f"no admin token: pass --token or set ${TOKEN_ENV}", EXIT_CONFIG)
+    url = _admin_base(args) + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"Bearer {token}", "Accept": "application/json",
+        **({"Content-Type": "application/json"} if data is not None else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT_S) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _ApiFailure(f"cannot reach the admin API at {url}: {reason} (is the switch"
+                          " running with admin.enabled?)") from None
+    try:
+        answer = json.loads(raw) if raw else None
+    except ValueError:
+        answer = raw.decode("utf-8", "replace")
+    if status >= 400 and not (path.endswith("/reload") and isinstance(answer, dict)
+                              and "errors" in answer):
+        message = answer.get("error") if isinstance(answer, dict) else answer
+        raise _ApiFailure(f"{method} {path}: {status}: {message or 'no details'}")
+    return status, answer
+
+
+def _print_json(document: Any) -> None:
+    import json
+
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _quoted(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+
+
+def _api_command(handler: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except _ApiFailure as failure:
+            print(f"{args.command}: {failure}", file=sys.stderr)
+            return failure.code
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+
+    return run
+
+
+def _registrations(args: argparse.Namespace) -> int:
+    items: list[dict[str, Any]] = []
+    for page in range(100):  # 100 pages of 1000 bindings at most
+        _, answer = _admin_call(args, "GET", f"/api/v1/registrations?limit=1000&offset="
+                                              f"{page * 1000}")
+        items += answer["items"]
+        if len(items) >= answer["total"] or not answer["items"]:
+            break
+    if args.as_json:
+        _print_json({"total": len(items), "items": items})
+        return EXIT_OK
+    print(f"{'AOR':<32} {'EXPIRES':>7}  {'SOURCE':<28} {'USER AGENT':<24} CONTACT")
+    for b in items:
+        print(f"{b['aor']:<32} {b['expires']:>6}s  {b['source']:<28} "
+              f"{(b.get('user_agent') or '-')[:24]:<24} {b['contact']}")
+    print(f"{len(items)} bindings", file=sys.stderr)
+    return EXIT_OK
+
+
+def _calls(args: argparse.Namespace) -> int:
+    if args.hangup:
+        _admin_call(args, "DELETE", f"/api/v1/calls/{_quoted(args.hangup)}")
+        print(f"call {args.hangup}: hanging up")
+        return EXIT_OK
+    items: list[dict[str, Any]] = []
+    for page in range(100):
+        _, answer = _admin_call(args, "GET", f"/api/v1/calls?limit=1000&offset={page * 1000}")
+        items += answer["items"]
+        if len(items) >= answer["total"] or not answer["items"]:
+            break
+    if args.as_json:
+        _print_json({"total": len(items), "items": items})
+        return EXIT_OK
+    print(f"{'CALL-ID':<40} {'STATE':<10} {'CALLER':<16} {'CALLEE':<16} {'STARTED':<25} "
+          "ANSWERED")
+    for c in items:
+        flag = " EMERGENCY" if c.get("emergency") else ""
+        print(f"{c['call_id'][:40]:<40} {c['state']:<10} {c['caller'][:16]:<16} "
+              f"{c['callee'][:16]:<16} {c['started']:<25} {c.get('answered') or '-'}{flag}")
+    print(f"{len(items)} calls", file=sys.stderr)
+    return EXIT_OK
+
+
+def _location(args: argparse.Namespace) -> int:
+    path = f"/api/v1/devices/{_quoted(args.username)}/location"
+    if args.location_command == "set":
+        body = {"site": args.site, **({"location": args.location} if args.location else {})}
+        _, answer = _admin_call(args, "PUT", path, body)
+        if args.as_json:
+            _print_json(answer)
+        else:
+            where = "/".join(p for p in (answer.get("site"), answer.get("location")) if p)
+            print(f"{args.username}: {where} ({answer.get('status')}): {answer.get('summary')}")
+        return EXIT_OK
+    _, answer = _admin_call(args, "GET", path + "/history")
+    if args.as_json:
+        _print_json(answer)
+        return EXIT_OK
+    for entry in answer["entries"]:
+        place = "/".join(str(p) for p in (entry.get("site_id"), entry.get("location_id")) if p)
+        print(f"{entry.get('when', '?')}  {entry.get('who', '?'):<20} "
+              f"{entry.get('reason', '?'):<9} {place or '-':<16} {entry.get('status', '?'):<12}"
+              f" {entry.get('new', '')}")
+    print(f"{len(answer['entries'])} changes", file=sys.stderr)
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace) -> int:
+    status, answer = _admin_call(args, "POST", "/api/v1/reload")
+    if args.as_json:
+        _print_json(answer)
+    elif answer.get("applied"):
+        print("reload: applied")
+        for note in answer.get("notes", []):
+            print(f"  note: {note}")
+    else:
+        for error in answer.get("errors", []):
+            print(error, file=sys.stderr)
+        print(f"reload: refused ({status}): the running configuration stays", file=sys.stderr)
+    return EXIT_OK if answer.get("applied") else EXIT_FAILED
+
+
+def _availability(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        _print_errors(error)
+        return EXIT_CONFIG
+    from switch.lifecycle import AvailabilityError, availability_path, report_from_file
+
+    path = availability_path(settings.cdr.directory)
+    try:
+        report = report_from_file(path, time.time(), args.month)
+    except AvailabilityError as exc:
+        print(f"availability: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.as_json:
+        _print_json(report)
+        return EXIT_OK
+    running = (f"running since {report['running_since']}" if report["running_since"]
+               else "not running")
+    print(f"{path}: {running}; accounting since {report['monitored_since'] or 'never'}")
+    print(f"{report['month']}: availability {report['availability_percent']:.4f} %"
+          f" ({report['unavailable_minutes']:.2f} of {report['minutes_in_month']:.0f} minutes"
+          " unavailable)")
+    for outage in report["outages"]:
+        print(f"  down {outage['from']} -> {outage['to']}  ({outage['minutes']:.2f} min)")
+    return EXIT_OK
+
+
+def _privacy(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        _print_errors(error)
+        return EXIT_CONFIG
+    import json
+
+    from switch.privacy import PrivacyBusyError, PrivacyError, erase, export
+
+    try:
+        if args.privacy_command == "export":
+            document = export(settings, args.person)
+            text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+            if args.output:
+                with open(args.output, "w", encoding="utf-8") as out:
+                    out.write(text)
+            else:
+                sys.stdout.write(text)
+            print(f"privacy export: {len(document['cdrs'])} CDRs,"
+                  f" {len(document['location_history'])} location changes,"
+                  f" {len(document['emergency_calls'])} emergency journal entries",
+                  file=sys.stderr)
+            return EXIT_OK
+        report = erase(settings, args.person, dry_run=not args.yes)
+    except PrivacyBusyError as exc:
+        print(f"privacy {args.privacy_command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except PrivacyError as exc:
+        print(f"privacy {args.privacy_command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"privacy {args.privacy_command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.as_json:
+        _print_json(report)
+        return EXIT_OK
+    verb = "would pseudonymise" if report["dry_run"] else "pseudonymised"
+    cdr = report["cdr"]
+    print(f"{report['person']}: {verb} {cdr['records']} CDRs ({cdr['fields']} fields in"
+          f" {len(cdr['files'])} files) and {report['location_history'].get('entries', 0)}"
+          " location history entries")
+    print(f"  emergency audit journal: {report['emergency_journal']['entries_kept']} entries"
+          " kept (legal record, not erased)")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+    if report["dry_run"]:
+        print("dry run: nothing was changed; add --yes to erase", file=sys.stderr)
+    return EXIT_OK
+
+
+_OPERATIONS = {
+    "registrations": _api_command(_registrations),
+    "calls": _api_command(_calls),
+    "location": _api_command(_location),
+    "reload": _api_command(_reload),
+    "availability": _availability,
+    "privacy": _privacy,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m switch`` and the ``softswitch`` script."""
     args = _parser().parse_args(list(argv) if argv is not None else None)
@@ -827,4 +1191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _emergency_readiness(args.config)
     if args.command == "usage":
         return _usage(args.config, args.account, args.month, args.as_json)
+    if args.command in _OPERATIONS:
+        return _OPERATIONS[args.command](args)
     return EXIT_CONFIG  # unreachable: argparse requires a known command

@@ -22,6 +22,7 @@ ACCOUNT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CALL_ID = r"^[A-Za-z0-9][A-Za-z0-9._~!*+'():@-]{0,199}$"
 E164_PREFIX = r"^\+[1-9][0-9]{0,14}$"
 COUNTRY = r"^[A-Z]{2}$"
+MONTH = r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])$"  # a UTC month, 1970-01 to 2999-12
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -65,6 +66,8 @@ def _path_parameter(name: str, pattern: str, description: str) -> dict[str, Any]
 
 USERNAME = _path_parameter("username", SIP_USERNAME, "the device's SIP username")
 ACCOUNT = _path_parameter("account_id", ACCOUNT_ID, "the account id")
+PERSON = _path_parameter("person", SIP_USERNAME,
+                         "a device's SIP username or an E.164 number (+ and digits)")
 PAGE = [
     {"name": "limit", "in": "query", "required": False,
      "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
@@ -262,6 +265,74 @@ SCHEMAS: dict[str, Any] = {
         "runtime": _ref("BlacklistExceptions"),
         "effective": _ref("BlacklistExceptions"),
     }),
+    "Availability": _object({
+        "uptime_seconds": {"type": ["number", "null"], "minimum": 0,
+                           "description": "since the switch became available (0 while"
+                                          " draining for a shutdown)"},
+        "running_since": _nullable("string", format="date-time"),
+        "monitored_since": _nullable("string", format="date-time",
+                                     description="the first start with this state file"),
+        "persistent": {"type": "boolean",
+                       "description": "false: the state file is unusable or held by another"
+                                      " process, figures are this process's only"},
+        "month": {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}$"},
+        "minutes_in_month": {"type": "number", "minimum": 0},
+        "monitored_minutes": {"type": "number", "minimum": 0},
+        "unavailable_minutes": {"type": "number", "minimum": 0},
+        "availability": {"type": "number", "minimum": 0, "maximum": 1,
+                         "description": "(minutes of the month - minutes unavailable)"
+                                        " / minutes of the month"},
+        "availability_percent": {"type": "number", "minimum": 0, "maximum": 100},
+        "availability_so_far": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
+                                "description": "over the monitored part of the month"},
+        "outages": {"type": "array", "items": _object({
+            "from": {"type": "string", "format": "date-time"},
+            "to": {"type": "string", "format": "date-time"},
+            "minutes": {"type": "number", "minimum": 0},
+        })},
+    }),
+    "PersonalData": _object({
+        "person": {"type": "string"},
+        "kind": {"enum": ["device", "number", "username"]},
+        "generated": {"type": "string", "format": "date-time"},
+        "identifiers": _object({
+            "usernames": {"type": "array", "items": {"type": "string"}},
+            "numbers": {"type": "array", "items": {"type": "string"}},
+            "lines": {"type": "array", "items": {"type": "string"},
+                      "description": "account/extension"},
+        }),
+        "devices": {"type": "array", "items": {"type": "object"},
+                    "description": "configured devices (credentials left out)"},
+        "registrations": {"type": ["array", "null"], "items": {"type": "object"}},
+        "location_history": {"type": "array", "items": {"type": "object"}},
+        "cdrs": {"type": "array", "items": {"type": "object"},
+                 "description": "call detail records as stored"},
+        "emergency_calls": {"type": "array", "items": _ref("AuditEntry"),
+                            "description": "audit journal entries of the person's"
+                                           " emergency calls (kept, never erased)"},
+        "notes": {"type": "array", "items": {"type": "string"}},
+    }),
+    "ErasureReport": _object({
+        "person": {"type": "string"},
+        "kind": {"enum": ["device", "number", "username"]},
+        "dry_run": {"type": "boolean"},
+        "devices": {"type": "array", "items": {"type": "object"}},
+        "cdr": _object({
+            "directory": {"type": "string"},
+            "files": {"type": "array", "items": {"type": "string"}},
+            "records": {"type": "integer", "minimum": 0},
+            "fields": {"type": "integer", "minimum": 0},
+            "unreadable_lines": {"type": "integer", "minimum": 0},
+        }),
+        "location_history": _object({"file": {"type": "string"},
+                                     "entries": {"type": "integer", "minimum": 0}}),
+        "emergency_journal": _object({
+            "erased": {"const": False},
+            "entries_kept": {"type": "integer", "minimum": 0},
+            "reason": {"type": "string"},
+        }),
+        "notes": {"type": "array", "items": {"type": "string"}},
+    }),
     "ReloadResult": _object({
         "applied": {"type": "boolean"},
         "errors": {"type": "array", "items": {"type": "string"},
@@ -427,6 +498,24 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                       "404": _response("NotFound")},
                      parameters=[ACCOUNT], operation_id="clearBlacklistExceptions"),
         },
+        f"{v1}/availability": _read(
+            "uptime and a month's availability (this UTC month unless month is given),"
+            " with its outages", _ref("Availability"),
+            parameters=[{"name": "month", "in": "query", "required": False,
+                         "description": "YYYY-MM (UTC)",
+                         "schema": {"type": "string", "pattern": MONTH}}],
+            bad_request=True, operation_id="getAvailability"),
+        f"{v1}/privacy/{{person}}": _read(
+            "everything the switch holds about a person (device username or E.164"
+            " number): devices, registrations, location history, CDRs, emergency calls",
+            _ref("PersonalData"), parameters=[PERSON], bad_request=True,
+            operation_id="exportPersonalData"),
+        f"{v1}/privacy/{{person}}/erase": _write(
+            "post", "pseudonymise a person in the CDRs and the location history (the"
+                    " emergency audit journal is kept as the legal record)",
+            {"200": _json_body(_ref("ErasureReport"), "what was changed"),
+             "400": _response("BadRequest"), "409": _response("Conflict")},
+            parameters=[PERSON], operation_id="erasePersonalData"),
         f"{v1}/reload": _write(
             "post", "re-read and apply the YAML configuration (rejected whole when invalid)",
             {"200": _json_body(_ref("ReloadResult"), "applied"),
@@ -446,7 +535,8 @@ def openapi_document(*, metrics_public: bool = False) -> dict[str, Any]:
             "title": "softswitch admin API",
             "version": API_VERSION,
             "description": "Registrations, calls, devices and emergency locations, sites,"
-                           " emergency readiness and audit, fair use, reload. Bearer tokens"
+                           " emergency readiness and audit, fair use, reload, availability, personal"
+                           " data. Bearer tokens"
                            " from the admin.tokens list of the YAML: role read for GET, role"
                            " write for changes.",
         },

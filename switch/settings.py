@@ -316,6 +316,9 @@ class Calls(_Model):
 
     no_answer_timeout: int = Field(default=60, ge=5, le=600)  # ringing before 480
     session_expires: int = Field(default=1800, ge=90, le=86400)  # refresh every half of it
+    # graceful shutdown (SIGTERM): new calls get 503 while calls in progress have this long
+    # to end before the rest are hung up
+    shutdown_grace: int = Field(default=30, ge=0, le=3600)
 
 
 class Store(_Model):
