@@ -732,6 +732,10 @@ class AdminServer:
                       "devices_without_location": unlocated})
 
     async def _audit(self, request: web.Request) -> web.StreamResponse:
+        unknown = sorted(set(request.query) - {"from", "until", "call_id", "limit", "format"})
+        if unknown:
+            raise ApiError(400, f"unknown query parameter {unknown[0]!r}"
+                                " (from, until, call_id, limit, format)")
         start = _time_query(request, "from")
         until = _time_query(request, "until")
         call_id = request.query.get("call_id") or None

@@ -424,7 +424,7 @@ async def test_test_call_result_and_its_audit_trail(tmp_path: Path) -> None:
             "GET", f"/api/v1/emergency/audit?format=jsonl&call_id={result['call_id']}")
         assert status == 200 and response.content_type == "application/x-ndjson", lines
         assert [json.loads(line)["event"] for line in lines.splitlines()] == events
-        for query in ("from=yesterday", "until=2026-13-45", "format=xml", "limit=0"):
+        for query in ("from=yesterday", "until=2026-13-45", "format=xml", "limit=0", "bogus=1"):
             status, body, _ = await bench.call("GET", f"/api/v1/emergency/audit?{query}")
             assert status == 400 and "error" in body, (query, body)
 

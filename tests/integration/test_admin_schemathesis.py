@@ -167,6 +167,12 @@ def test_every_operation_conforms_to_the_openapi_document(live_api: LiveApi) -> 
             excluded.append(schemathesis.checks.positive_data_acceptance)
             strategies.append(operation.as_strategy(
                 path_parameters=real, body={"site": "hq", "location": "f2"}))
+        if key == "GET /api/v1/emergency/audit":
+            # a negative case here combines a missing Authorization (replaced by this
+            # test's token) with an extra query parameter without a value (dropped by
+            # the HTTP client): the request on the wire is valid, and the switch rejects
+            # unknown parameters it does receive (tests/integration/test_admin_api.py)
+            excluded.append(schemathesis.checks.negative_data_rejection)
         exercise = _property_test(st.one_of(strategies),
                                   {"Authorization": f"Bearer {token}"}, excluded)
         try:
