@@ -77,7 +77,8 @@ def tally_minutes(
     policy; otherwise the stored ``billable`` is used. ``counted_classifications`` (None:
     every classification but emergency) restricts what counts, e.g. ``{"external"}``.
     A record without a device counts for its account total only; one without an account
-    is skipped.
+    is skipped. Records that say their direction count only when outbound (what the
+    switch counts live: a device calling out); older records without it are all counted.
     """
     start, end = month_range(month)
     tally = MonthTally(month)
@@ -92,6 +93,8 @@ def tally_minutes(
             counted_classifications is not None
             and record.classification not in counted_classifications
         ):
+            continue
+        if getattr(record, "direction", "") in ("inbound", "internal"):
             continue
         if billing is not None:
             seconds = billing.billable(record.duration if record.answer is not None else None)

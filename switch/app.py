@@ -218,6 +218,8 @@ class Softswitch:
             media=media,
             node=self.settings.switch.node_id,
             billing=self.billing,
+            direction=("inbound" if call.caller is None else
+                       "internal" if call.classification == "internal" else "outbound"),
         )
         await self.ledger.append(record)
 

@@ -83,6 +83,7 @@ log = structlog.get_logger("switch.cdr")
 
 RECORD_VERSION = 1
 
+DIRECTIONS = frozenset({"", "outbound", "inbound", "internal"})
 CLASSIFICATIONS = frozenset({"internal", "external", "emergency", "invalid"})
 HANGUP_PARTIES = frozenset({"caller", "callee", "switch"})
 # The end causes the switch writes; other lower-case words are accepted when reading.
@@ -232,6 +233,9 @@ class CallRecord:
     sip_status: int
     media: dict[str, dict[str, float]] = field(default_factory=dict)
     node: str = ""
+    # "outbound" (a device called out), "inbound" (from a trunk), "internal", or "" in
+    # records written before the field existed
+    direction: str = ""
 
     @classmethod
     def for_call(
@@ -254,6 +258,7 @@ class CallRecord:
         media: dict[str, dict[str, float]] | None = None,
         node: str = "",
         billing: BillingPolicy | None = None,
+        direction: str = "",
     ) -> CallRecord:
         """A record with ``duration`` and ``billable`` computed from the times (taken to
         the millisecond, as stored)."""
@@ -280,6 +285,7 @@ class CallRecord:
             sip_status=sip_status,
             media=dict(media or {}),
             node=node,
+            direction=direction,
         )
         record.validate()
         return record
@@ -295,6 +301,8 @@ class CallRecord:
         for name in ("account", "device", "caller", "callee_dialled", "node"):
             if not isinstance(getattr(self, name), str):
                 raise CdrFormatError(f"{name} must be a string")
+        if self.direction not in DIRECTIONS:
+            raise CdrFormatError(f"direction must be one of {sorted(DIRECTIONS)}")
         for name in ("callee_e164", "trunk"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -352,6 +360,7 @@ class CallRecord:
             "sip_status": self.sip_status,
             "media": self.media,
             "node": self.node,
+            "direction": self.direction,
         }
 
     def to_json_line(self) -> str:
@@ -387,6 +396,7 @@ class CallRecord:
                 sip_status=data["sip_status"],
                 media=data.get("media", {}),
                 node=data.get("node", ""),
+                direction=data.get("direction", ""),
             )
         except KeyError as missing:
             raise CdrFormatError(f"missing field {missing.args[0]}") from None
@@ -422,6 +432,7 @@ class CallRecord:
             self.hangup_by,
             str(self.sip_status),
             self.node,
+            self.direction,
         ]
         for direction in MEDIA_DIRECTIONS:
             metrics = self.media.get(direction) or {}
@@ -449,6 +460,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "hangup_by",
     "sip_status",
     "node",
+    "direction",
     *(f"{direction}_{metric}" for direction in MEDIA_DIRECTIONS for metric in MEDIA_METRICS),
 )
 

@@ -661,3 +661,21 @@ def test_cdr_settings_report_bad_values_with_their_lines() -> None:
 def test_format_utc_is_iso_8601_with_milliseconds_and_z() -> None:
     assert format_utc(0.0) == "1970-01-01T00:00:00.000Z"
     assert format_utc(utc("2026-11-05T10:00:00.123")) == "2026-11-05T10:00:00.123Z"
+
+
+def test_direction_is_stored_and_read_back_and_older_records_have_none() -> None:
+    record = CallRecord.for_call(
+        call_id="dir-1", account="acme", device="101", caller="101",
+        callee_dialled="0478000000", callee_e164="+33478000000", classification="external",
+        trunk="orange", start=1_800_000_000.0, answer=1_800_000_001.0, end=1_800_000_031.0,
+        end_cause="normal", hangup_by="caller", sip_status=200, direction="outbound",
+    )
+    again = CallRecord.from_json_line(record.to_json_line())
+    assert again.direction == "outbound"
+    assert record.csv_row()[CSV_COLUMNS.index("direction")] == "outbound"
+    legacy = record.to_dict()
+    del legacy["direction"]
+    assert CallRecord.from_dict(legacy).direction == ""
+    legacy["direction"] = "sideways"
+    with pytest.raises(CdrFormatError):
+        CallRecord.from_dict(legacy)

@@ -564,3 +564,21 @@ async def test_rebuild_sets_the_months_minutes_from_the_ledger(
         await rebuild_minutes(store, tmp_path / "missing", MONTH)
     with pytest.raises(ValueError):
         await rebuild_minutes(store, tmp_path / "cdr", "2026-3")
+
+
+def test_rebuilt_minutes_count_outbound_calls_only() -> None:
+    from fairuse.rebuild import tally_minutes
+    from switch.cdr import CallRecord
+
+    def record(call_id: str, direction: str, classification: str = "external") -> CallRecord:
+        return CallRecord.for_call(
+            call_id=call_id, account="acme", device="101", caller="101",
+            callee_dialled="0478000000", callee_e164="+33478000000",
+            classification=classification, trunk="orange", start=T0, answer=T0 + 1,
+            end=T0 + 61, end_cause="normal", hangup_by="caller", sip_status=200,
+            direction=direction)
+
+    records = [record("out", "outbound"), record("in", "inbound"),
+               record("int", "internal", "internal"), record("legacy", "")]
+    tally = tally_minutes(records, MONTH)
+    assert tally.counted == 2  # the outbound call and the legacy record without a direction
