@@ -343,7 +343,8 @@ class Softswitch:
         for entry in self.settings.listen:
             host, port = await self.core.listen(
                 entry.transport, entry.host, entry.port,
-                tls_context if entry.transport == "tls" else None,
+                tls_context if entry.transport in ("tls", "wss") else None,
+                path=entry.path,
             )
             self.listening.append((entry.transport, host, port))
         self.availability.open()  # available from here: SIP listeners are up

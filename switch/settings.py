@@ -195,9 +195,18 @@ class Switch(_Model):
 
 
 class Listen(_Model):
-    transport: Literal["udp", "tcp", "tls"]
+    transport: Literal["udp", "tcp", "tls", "ws", "wss"]
     host: str
     port: int = Field(ge=1, le=65535)
+    # HTTP path of the WebSocket upgrade (ws/wss only, RFC 7118); wss uses the tls files
+    path: str = "/"
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if not path.startswith("/") or any(c.isspace() for c in path) or "?" in path:
+            raise ValueError("must be an absolute HTTP path like '/' or '/sip' (no query)")
+        return path
 
     @field_validator("host")
     @classmethod
@@ -1084,7 +1093,7 @@ def _cross_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Path_, s
     for index, raw in enumerate(_sequence(data.get("listen"))):
         entry = _mapping(raw)
         transport, host, port = entry.get("transport"), entry.get("host"), entry.get("port")
-        needs_tls = needs_tls or transport == "tls"
+        needs_tls = needs_tls or transport in ("tls", "wss")
         if isinstance(host, str):
             try:
                 host = str(ipaddress.ip_address(host.strip().strip("[]")))

@@ -41,6 +41,9 @@ from .metrics import SwitchMetrics, method_label
 
 log = structlog.get_logger("switch.signalling")
 
+# Transports whose every unit (datagram, WebSocket message) is exactly one SIP message.
+MESSAGE_FRAMED_TRANSPORTS = frozenset({"udp", "ws", "wss"})
+
 RequestHandler = Callable[[SipRequest, Flow, float], Awaitable[SipResponse]]
 # A service that answers by itself (several responses, e.g. INVITE): gets the transaction.
 TransactionHandler = Callable[[SipRequest, ServerTransaction], None]
@@ -88,9 +91,12 @@ class SignallingCore:
 
     # -- lifecycle -------------------------------------------------------------------
     async def listen(
-        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+        *, path: str = "/",
     ) -> tuple[str, int]:
-        return await self.transports.listen(transport, host, port, ssl_context)
+        """Listen for SIP: udp, tcp, tls (needs ssl_context), ws or wss (RFC 7118; wss
+        needs ssl_context; `path` is the HTTP path the WebSocket upgrade is served on)."""
+        return await self.transports.listen(transport, host, port, ssl_context, path=path)
 
     def register_handler(self, method: str, handler: RequestHandler) -> None:
         self.handlers[method] = handler
@@ -125,8 +131,11 @@ class SignallingCore:
                           remote=f"{flow.remote[0]}:{flow.remote[1]}")
 
     def _receive(self, data: bytes, flow: Flow) -> None:
+        # a UDP datagram and a WebSocket message (RFC 7118 §5.3) each hold one whole
+        # message: Content-Length is optional there (still checked when present)
         message = parse_message_safe(
-            data, max_size=self.max_message_size, datagram=flow.transport == "udp"
+            data, max_size=self.max_message_size,
+            datagram=flow.transport in MESSAGE_FRAMED_TRANSPORTS,
         )
         now = self.clock()
         if isinstance(message, SipParseError):

@@ -1,7 +1,8 @@
-"""Thin asyncio SIP transports (UDP, TCP, TLS) delivering whole messages as bytes.
+"""Thin asyncio SIP transports (UDP, TCP, TLS, WS, WSS) delivering whole messages as bytes.
 
 The transports know SIP only as far as framing: a UDP datagram is one message, a
-stream is split by :class:`~sip.transport.framing.StreamFramer`. Each message goes
+stream is split by :class:`~sip.transport.framing.StreamFramer`, a WebSocket message
+is one message (RFC 7118). Each message goes
 to ``on_message(data, flow)``; :class:`Flow` says how to send back.
 """
 
@@ -42,6 +43,13 @@ from sip.transport.stream import (
     make_server_ssl_context,
 )
 from sip.transport.udp import UdpEndpoint, open_udp_endpoint
+from sip.transport.websocket import (
+    SIP_SUBPROTOCOL,
+    WEBSOCKET_TRANSPORTS,
+    WS,
+    WSS,
+    WebSocketTransports,
+)
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -56,9 +64,13 @@ __all__ = [
     "EVENT_KEEPALIVE",
     "EVENT_OVERSIZE",
     "KEEPALIVE",
+    "SIP_SUBPROTOCOL",
     "TCP",
     "TLS",
     "UDP",
+    "WEBSOCKET_TRANSPORTS",
+    "WS",
+    "WSS",
     "EventHandler",
     "Flow",
     "FramingError",
@@ -104,6 +116,13 @@ class TransportLayer:
             connect_timeout=connect_timeout,
             tls_client_context=tls_client_context,
         )
+        self._websockets = WebSocketTransports(
+            on_message,
+            self._events,
+            max_message_size=max_message_size,
+            allocate_connection_id=self._streams.allocate_connection_id,
+            idle_timeout=idle_timeout,
+        )
 
     async def listen(
         self,
@@ -111,10 +130,15 @@ class TransportLayer:
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        path: str = "/",
     ) -> tuple[str, int]:
-        """Start listening; returns the bound (host, port) (port 0 → an ephemeral one)."""
+        """Start listening; returns the bound (host, port) (port 0 → an ephemeral one).
+
+        ``path`` is the HTTP path WebSocket (ws/wss) listeners upgrade on.
+        """
         transport = transport.lower()
-        if transport not in TRANSPORTS:
+        if transport not in TRANSPORTS and transport not in WEBSOCKET_TRANSPORTS:
             raise ValueError(f"unknown SIP transport {transport!r}")
         kind = socket.SOCK_DGRAM if transport == UDP else socket.SOCK_STREAM
         loop = asyncio.get_running_loop()
@@ -124,6 +148,8 @@ class TransportLayer:
         if not infos:
             raise OSError(f"cannot resolve listening address {host!r}")
         family, _, _, _, address = infos[0]
+        if transport in WEBSOCKET_TRANSPORTS:
+            return await self._websockets.listen(transport, family, address, ssl_context, path)
         if transport == UDP:
             endpoint = await open_udp_endpoint(
                 family, address, self._on_message, self._events, self._max_message_size
@@ -145,6 +171,8 @@ class TransportLayer:
             return endpoint.send(data, flow.remote)
         if flow.transport in STREAM_TRANSPORTS:
             return self._streams.send(data, flow)
+        if flow.transport in WEBSOCKET_TRANSPORTS:
+            return self._websockets.send(data, flow)
         return False
 
     async def send_to(
@@ -164,6 +192,10 @@ class TransportLayer:
         certificate against ``server_hostname`` (default: the remote host).
         """
         transport = transport.lower()
+        if transport in WEBSOCKET_TRANSPORTS:  # only over a connection the device opened
+            return self._websockets.send_to(
+                data, transport, (canonical_host(remote[0]), remote[1])
+            )
         if transport not in TRANSPORTS:
             return None
         host = canonical_host(remote[0])
@@ -191,7 +223,7 @@ class TransportLayer:
     def listeners(self) -> list[tuple[str, str, int]]:
         """(transport, host, port) of every listening socket."""
         udp = [(UDP, local[0], local[1]) for local in self._udp]
-        return udp + self._streams.listeners()
+        return udp + self._streams.listeners() + self._websockets.listeners()
 
     async def close(self) -> None:
         """Close listeners and connections (stream peers see an orderly close)."""
@@ -199,6 +231,7 @@ class TransportLayer:
             endpoint.close()
         self._udp.clear()
         await self._streams.close()
+        await self._websockets.close()
 
     def _udp_endpoint_for(
         self, remote: tuple[str, int], local: tuple[str, int] | None

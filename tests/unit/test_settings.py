@@ -219,7 +219,7 @@ def test_bad_listen_entries_report_each_field() -> None:
             port: 70000
         """
     ) == [
-        "cfg.yaml:3: listen[1].transport: must be one of 'udp', 'tcp' or 'tls'",
+        "cfg.yaml:3: listen[1].transport: must be one of 'udp', 'tcp', 'tls', 'ws' or 'wss'",
         "cfg.yaml:4: listen[1].host: must be an IPv4 or IPv6 address literal",
         "cfg.yaml:5: listen[1].port: must be at most 65535",
     ]
