@@ -61,12 +61,17 @@ def create_media_backend(settings: MediaSettings) -> MediaBackend | None:
             (host.strip("[]"), int(port)),
             media_timeout=settings.media_timeout or None,
         )
-    return RtpRelay(
+    relay = RtpRelay(
         bind_host=settings.bind_host,
         advertise_host=settings.advertise_host,
         port_range=(settings.port_min, settings.port_max),
         media_timeout=settings.media_timeout or None,
     )
+    if not getattr(settings, "webrtc", True):  # media.webrtc: false, no browser bridging
+        return relay
+    from media.hybrid import HybridMediaBackend  # aiortc is loaded only when bridging
+
+    return HybridMediaBackend(relay)
 
 
 class Softswitch:

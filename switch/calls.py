@@ -823,7 +823,9 @@ class CallControl:
         if not bindings:
             await self._fail(call, 480, "Callee is not registered", "unavailable")
             return
-        body = await self._offer_media(call)
+        # a callee reachable only over SIP over WebSocket is a browser: it wants WebRTC media
+        browser = all(contact_flow(b).transport in ("ws", "wss") for b in bindings)
+        body = await self._offer_media(call, hint="webrtc" if browser else None)
         if body is None:
             return
         to_value = f"<sip:{callee.extension}@{self.directory.realm}>"
@@ -868,15 +870,19 @@ class CallControl:
         call.forks.append(Fork(request, flow, trunk=trunk))
         self._start_forks(call)
 
-    async def _offer_media(self, call: Call) -> bytes | None:
-        """The caller's SDP rewritten for the callee side (None: the call was failed)."""
+    async def _offer_media(self, call: Call, hint: str | None = None) -> bytes | None:
+        """The caller's SDP rewritten for the callee side (None: the call was failed).
+        `hint`: what the callee is ("webrtc": a browser), for a backend that bridges."""
         body = call.a_sdp
         if call.cancelled:
             await self._fail(call, 487, None, "cancelled")
             return None
         if body and self.media is not None:
             try:
-                body = await self.media.offer(call.call_id, call.caller_tag, body)
+                if hint is not None and getattr(self.media, "takes_offer_hints", False):
+                    body = await self.media.offer(call.call_id, call.caller_tag, body, hint)
+                else:
+                    body = await self.media.offer(call.call_id, call.caller_tag, body)
                 call.media = True
             except MediaError as exc:
                 await self._fail(call, exc.status, exc.reason, "failed")

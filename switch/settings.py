@@ -295,6 +295,8 @@ class Media(_Model):
     port_max: int = Field(default=29999, ge=1025, le=65535)
     media_timeout: int = Field(default=60, ge=0, le=86400)  # 0 = never end silent calls
     rtpengine: str = "127.0.0.1:2223"  # ng control address, host:port
+    # WebRTC devices (browsers over ws/wss) bridged to plain RTP with aiortc (relay only)
+    webrtc: bool = True
 
     @field_validator("bind_host")
     @classmethod

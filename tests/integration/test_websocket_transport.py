@@ -23,7 +23,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
+import aioice.ice
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from switch_process import (
     LOOPBACK_V4,
     Listener,
@@ -43,7 +45,7 @@ PEERS_DIR = Path(__file__).resolve().parents[1] / "peers"
 if str(PEERS_DIR) not in sys.path:
     sys.path.append(str(PEERS_DIR))
 
-from sipua import SipUA, answer_sdp, offer_sdp  # noqa: E402
+from sipua import SipUA, offer_sdp  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -51,6 +53,12 @@ WEB = SipDevice("1000", "pw1000")  # the browser softphone (WS / WSS)
 DESK = SipDevice("1001", "pw1001")  # the desk phone (UDP)
 WEB2 = SipDevice("1002", "pw1002")  # a second softphone, over WSS
 RELAY_PORT_MIN = 50000 + 20 * (os.getpid() % 400)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's browser gathers ICE host candidates on 127.0.0.1 only."""
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +281,13 @@ async def test_udp_device_calls_ws_device(web: WsDevice, desk: SipUA) -> None:
     # the INVITE came on the WebSocket, addressed to the registered .invalid contact
     assert web.host in str(invite.request_uri)
     assert invite.top_via is not None and invite.top_via.transport == "WS"
-    assert invite.body, "the INVITE carries the relay's SDP offer"
+    # a callee on a WebSocket is a browser: the switch offers WebRTC (ICE, DTLS-SRTP)
+    assert b"UDP/TLS/RTP/SAVPF" in invite.body and b"a=fingerprint:" in invite.body
     await web.send(make_response(invite, 180, "Ringing", to_tag="webtag"))
-    answer = answer_sdp(invite.body, LOOPBACK_V4, 40002)
+    browser = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    await browser.setRemoteDescription(RTCSessionDescription(invite.body.decode(), "offer"))
+    await browser.setLocalDescription(await browser.createAnswer())
+    answer = browser.localDescription.sdp.encode()
     ok = make_response(
         invite,
         200,
@@ -293,6 +305,7 @@ async def test_udp_device_calls_ws_device(web: WsDevice, desk: SipUA) -> None:
     bye = await web.next_request("BYE")
     assert bye.call_id == invite.call_id
     await web.send(make_response(bye, 200, "OK"))
+    await browser.close()
     # the switch answered the desk phone's BYE only after (or independently of) ours
     assert bye_response is not None and bye_response.status == 200
 
