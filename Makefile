@@ -12,9 +12,13 @@ PYTEST_ARGS ?=
 
 # Stamp inside the venv: redone whenever pyproject.toml changes.
 VENV_STAMP = $(VENV)/.installed-softswitch
+# Stamp inside node_modules: the softphone page's JavaScript (JsSIP from npm, bundled for
+# the browser by esbuild), redone whenever package.json changes. Installed, never vendored.
+NPM = npm
+NODE_STAMP = node_modules/.stamp
 
 # Debian packages the tests need, as command:package pairs.
-DEBIAN_DEPS = sipp:sip-tester redis-server:redis-server ip:iproute2 unshare:util-linux openssl:openssl rtpengine:rtpengine-daemon baresip:baresip chromium:chromium
+DEBIAN_DEPS = sipp:sip-tester redis-server:redis-server ip:iproute2 unshare:util-linux openssl:openssl rtpengine:rtpengine-daemon baresip:baresip chromium:chromium node:nodejs npm:npm
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 APT_ENV = DEBIAN_FRONTEND=noninteractive
 
@@ -37,6 +41,12 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch "$@"
 
+$(NODE_STAMP): package.json $(wildcard package-lock.json)
+	@$(MAKE) --no-print-directory debian-deps DEBIAN_DEPS="node:nodejs npm:npm"
+	$(NPM) install --no-audit --no-fund
+	$(NPM) run --silent build:softphone
+	@touch "$@"
+
 debian-deps:
 	@missing=""; \
 	for pair in $(DEBIAN_DEPS); do \
@@ -50,10 +60,10 @@ debian-deps:
 	  $(SUDO) env $(APT_ENV) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-run: venv
+run: venv $(NODE_STAMP)
 	$(PY) -m switch run --config $(CONFIG)
 
-test: venv debian-deps
+test: venv debian-deps $(NODE_STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: venv debian-deps

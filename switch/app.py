@@ -44,6 +44,7 @@ from .registrar import Registrar
 from .settings import ConfigError, Settings, load_settings
 from .settings import Media as MediaSettings
 from .signalling import SignallingCore
+from .softphone import SOFTPHONE_OPENAPI_PATHS, register_softphone
 from .trunks import TrunkRegistry
 
 log = structlog.get_logger("switch.app")
@@ -173,6 +174,7 @@ class Softswitch:
                                                 metrics=self.metrics)
         self.admin = AdminServer(self, settings.admin)
         self.admin.add_routes(register_dashboard)
+        self.admin.add_routes(register_softphone, openapi_paths=SOFTPHONE_OPENAPI_PATHS)
         self.core.register_handler("REGISTER", self.registrar.handle_register)
         self.core.register_handler("OPTIONS", self.handle_options)
         self.listening: list[tuple[str, str, int]] = []

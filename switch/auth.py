@@ -328,12 +328,19 @@ class DigestAuthenticator:
         self.accept_rfc2069 = accept_rfc2069
         self._dummy_password = secrets.token_hex(16)
 
-    def challenges(self, now: float, stale: bool = False) -> list[str]:
-        """One challenge header value per configured algorithm, SHA-256 first."""
+    def challenges(self, now: float, stale: bool = False, *,
+                   md5_first: bool = False) -> list[str]:
+        """One challenge header value per configured algorithm, in the configured order.
+        ``md5_first``: the MD5 challenge alone when MD5 is configured, for clients that
+        understand nothing else and fail on a second challenge (browser SIP libraries
+        over WebSocket such as JsSIP)."""
         nonce = self.issuer.issue(now, self.realm)
+        algorithms = list(self.algorithms)
+        if md5_first and "MD5" in algorithms:
+            algorithms = ["MD5"]
         return [
             format_challenge(self.realm, nonce, algorithm, qop="auth", stale=stale)
-            for algorithm in self.algorithms
+            for algorithm in algorithms
         ]
 
     def verify(

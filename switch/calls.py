@@ -318,7 +318,8 @@ class CallControl:
                     self.metrics.bans.labels(ban.reason).inc()
                     log.warning("calls.source_banned", source=source_ip, trigger=ban.reason)
             challenges = self.authenticator.challenges(
-                now, stale=auth.outcome is AuthOutcome.STALE
+                now, stale=auth.outcome is AuthOutcome.STALE,
+                md5_first=transaction.flow.transport in ("ws", "wss"),
             )
             self._respond(transaction, request, 407, None, to_tag=new_tag(),
                           headers=[("Proxy-Authenticate", c) for c in challenges])

@@ -123,7 +123,8 @@ class Registrar:
         )
 
     def _challenge(self, request: SipRequest, now: float, *, stale: bool, result: str):
-        values = self.authenticator.challenges(now, stale=stale)
+        values = self.authenticator.challenges(now, stale=stale,
+                                               md5_first=_over_websocket(request))
         return self._reply(
             request, 401, None, [("WWW-Authenticate", v) for v in values], result=result
         )
@@ -290,6 +291,14 @@ class Registrar:
             instance_id=contact.params.get("+sip.instance"),
             reg_id=int(reg_id) if reg_id and reg_id.isdigit() else None,
         )
+
+
+def _over_websocket(request: SipRequest) -> bool:
+    """A request from a WebSocket client (a browser softphone)."""
+    try:
+        return request.top_via.transport.upper() in ("WS", "WSS")
+    except Exception:
+        return False
 
 
 def _contact_value(uri: str, expires: int, q: float | None) -> str:
