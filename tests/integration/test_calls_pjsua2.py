@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -205,6 +206,15 @@ def tone_powers(samples: list[int], rate: int) -> dict[float, float]:
     return {f: total / blocks for f, total in totals.items()}
 
 
+def _tcp_port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((LOOPBACK_V4, port))
+        except OSError:
+            return False
+    return True
+
+
 def baresip_config(folder: Path, sip_port: int, ctrl_port: int, rtp_min: int) -> None:
     """A headless baresip configuration: WAV in, decoded audio dumped to WAV files."""
     (folder / "dump").mkdir(parents=True)
@@ -286,12 +296,20 @@ def test_two_baresip_phones_hear_each_others_tone_through_the_relay(tmp_path: Pa
     ) as switch:
         host, port = switch.address("udp")
         folders = {}
+        taken: set[int] = set()
         for name, device, tone in (
             ("caller", caller, CALLER_TONE_HZ),
             ("callee", callee, CALLEE_TONE_HZ),
         ):
             folder = tmp_path / name
-            sip_port = free_sip_port([LOOPBACK_V4], ["udp", "tcp"])
+            # baresip also listens for TLS on the next port: both must be free, and apart
+            # from the other phone's pair
+            for _ in range(50):
+                sip_port = free_sip_port([LOOPBACK_V4], ["udp", "tcp"])
+                if ({sip_port, sip_port + 1} & taken) or not _tcp_port_free(sip_port + 1):
+                    continue
+                break
+            taken.update({sip_port - 1, sip_port, sip_port + 1, sip_port + 2})
             baresip_config(
                 folder,
                 sip_port,
