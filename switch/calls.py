@@ -488,7 +488,10 @@ class CallControl:
         return None
 
     def _in_emergency_call(self, device: Device) -> bool:
-        return any(c.emergency is not None and c.caller is device
+        """Whether the device is the caller of an emergency call in progress (compared by
+        username: a reload replaces the Device objects, not the calls)."""
+        return any(c.emergency is not None and c.caller is not None
+                   and c.caller.username == device.username
                    and c.state is not CallState.ENDED for c in self.calls.values())
 
     def _trunk_full(self, trunk) -> bool:
