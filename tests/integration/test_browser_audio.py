@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import math
 import os
-import shutil
 import struct
 import sys
 import wave
@@ -34,7 +33,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from switch_process import LOOPBACK_V4, Listener, SipDevice, build_config, free_port
 from test_softphone_page import PhoneBench, click, fill, require_bundle
@@ -45,7 +43,8 @@ if str(PEERS_DIR) not in sys.path:
     sys.path.append(str(PEERS_DIR))
 
 from sipua import SipUA  # noqa: E402
-from test_dashboard import DevTools, _stop_process_group  # noqa: E402
+from test_dashboard import DevTools  # noqa: E402
+from test_dashboard import chromium as launch_chromium  # noqa: E402
 
 from switch.app import Softswitch  # noqa: E402
 from switch.settings import load_settings_text  # noqa: E402
@@ -57,7 +56,6 @@ BROWSER = SipDevice("1000", "pw1000-" + os.urandom(4).hex())  # the softphone pa
 DESK = SipDevice("1001", "pw1001-" + os.urandom(4).hex())  # the desk phone (UDP)
 RELAY_PORT_MIN = 46000 + 20 * (os.getpid() % 300)
 WAIT_S = 8.0
-CHROMIUM_START_S = 20.0
 BROWSER_TONE_HZ = 1000.0  # what the browser's fake microphone plays
 PHONE_TONE_HZ = 440.0  # what the desk phone sends
 WAV_RATE = 48000
@@ -134,65 +132,10 @@ async def desk_phone(bench: PhoneBench) -> AsyncIterator[tuple[SipUA, PhoneRtp]]
 # --------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def chromium(workdir: Path, wav: Path) -> AsyncIterator[DevTools]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Debian's `chromium` is not installed: `make test` installs it"
-                    " (or: apt-get install chromium)")
-    profile = workdir / "chromium-profile"
-    profile.mkdir()
-    log_path = workdir / "chromium.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            executable, *CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}",
-            f"--user-data-dir={profile}", "--remote-debugging-port=0",
-            "--remote-debugging-address=127.0.0.1", "about:blank",
-            stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            start_new_session=True)
-    session: aiohttp.ClientSession | None = None
-    devtools: DevTools | None = None
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CHROMIUM_START_S
-        active_port = profile / "DevToolsActivePort"
-        port = None
-        while loop.time() < deadline and process.returncode is None:
-            text = active_port.read_text() if active_port.exists() else ""
-            if text.strip():
-                port = int(text.split()[0])
-                break
-            await asyncio.sleep(0.05)
-        if port is None:
-            raise AssertionError(f"chromium gave no DevTools port (exit {process.returncode}):"
-                                 f" {log_path.read_text(errors='replace')[-2000:]}")
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        target = None
-        while target is None and loop.time() < deadline:
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-                targets = await response.json()
-            target = next((t for t in targets if t.get("type") == "page"), None)
-            if target is None:
-                await asyncio.sleep(0.05)
-        assert target is not None, "chromium has no page target"
-        ws = await session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
-        devtools = DevTools(ws)
-        await devtools.send("Runtime.enable")
-        await devtools.send("Page.enable")
-        yield devtools
-    finally:
-        if devtools is not None:
-            await devtools.close()
-        if session is not None:
-            await session.close()
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        _stop_process_group(process.pid)
+def chromium(workdir: Path, wav: Path) -> contextlib.AbstractAsyncContextManager[DevTools]:
+    """Chromium whose fake microphone plays ``wav``."""
+    return launch_chromium(workdir, [*CHROMIUM_FLAGS,
+                                     f"--use-file-for-fake-audio-capture={wav}"])
 
 
 async def page_history(page: DevTools) -> str:

@@ -33,7 +33,7 @@ import shutil
 import signal
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,7 +262,10 @@ def _stop_process_group(pid: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def chromium(workdir: Path) -> AsyncIterator[DevTools]:
+async def chromium(workdir: Path, flags: Sequence[str] = tuple(CHROMIUM_FLAGS)
+                   ) -> AsyncIterator[DevTools]:
+    """Headless Debian chromium with ``flags`` (the softphone and audio tests add media
+    ones), driven over its DevTools websocket; stopped by PID and process group."""
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail("Debian's `chromium` is not installed: `make test` installs it"
@@ -272,7 +275,7 @@ async def chromium(workdir: Path) -> AsyncIterator[DevTools]:
     log_path = workdir / "chromium.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
-            executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+            executable, *flags, f"--user-data-dir={profile}",
             "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
             "about:blank",
             stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,

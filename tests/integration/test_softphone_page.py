@@ -26,12 +26,10 @@ Chromium or the JsSIP bundle missing is a failure, not a skip: ``make test`` ins
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,7 +47,8 @@ if str(PEERS_DIR) not in sys.path:
 
 from etrunk import TRUNK_HOST, EmergencyTrunkUAS  # noqa: E402
 from sipua import SipUA  # noqa: E402
-from test_dashboard import DevTools, _stop_process_group  # noqa: E402
+from test_dashboard import DevTools  # noqa: E402
+from test_dashboard import chromium as launch_chromium  # noqa: E402
 
 from switch.admin import AdminServer, AdminSettings  # noqa: E402
 from switch.app import Softswitch  # noqa: E402
@@ -72,7 +71,6 @@ DESK = SipDevice("1001", "pw1001", {"site": "hq", "location": "f2"})
 HQ_ADDRESS = {"country": "FR", "A1": "69", "A3": "Lyon", "RD": "Rue de la République",
               "HNO": "10", "PC": "69002"}  # fmt: skip
 WAIT_S = 8.0
-CHROMIUM_START_S = 20.0
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
     "--no-first-run", "--no-default-browser-check", "--disable-extensions",
@@ -190,65 +188,9 @@ class WebRtcEmergencyTrunk(EmergencyTrunkUAS):
 # --------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def chromium(workdir: Path) -> AsyncIterator[DevTools]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Debian's `chromium` is not installed: `make test` installs it"
-                    " (or: apt-get install chromium)")
-    profile = workdir / "chromium-profile"
-    profile.mkdir()
-    log_path = workdir / "chromium.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-            "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
-            "about:blank",
-            stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            start_new_session=True)
-    session: aiohttp.ClientSession | None = None
-    devtools: DevTools | None = None
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CHROMIUM_START_S
-        active_port = profile / "DevToolsActivePort"
-        port = None
-        while loop.time() < deadline and process.returncode is None:
-            text = active_port.read_text() if active_port.exists() else ""
-            if text.strip():
-                port = int(text.split()[0])
-                break
-            await asyncio.sleep(0.05)
-        if port is None:
-            raise AssertionError(f"chromium gave no DevTools port (exit {process.returncode}):"
-                                 f" {log_path.read_text(errors='replace')[-2000:]}")
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        target = None
-        while target is None and loop.time() < deadline:
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-                targets = await response.json()
-            target = next((t for t in targets if t.get("type") == "page"), None)
-            if target is None:
-                await asyncio.sleep(0.05)
-        assert target is not None, "chromium has no page target"
-        ws = await session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
-        devtools = DevTools(ws)
-        await devtools.send("Runtime.enable")
-        await devtools.send("Page.enable")
-        yield devtools
-    finally:
-        if devtools is not None:
-            await devtools.close()
-        if session is not None:
-            await session.close()
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        _stop_process_group(process.pid)
+def chromium(workdir: Path) -> contextlib.AbstractAsyncContextManager[DevTools]:
+    """Chromium with a fake microphone and camera, allowed without asking."""
+    return launch_chromium(workdir, CHROMIUM_FLAGS)
 
 
 async def click(page: DevTools, element_id: str) -> None:
