@@ -36,16 +36,14 @@ from media.hybrid import HybridMediaBackend, is_webrtc_sdp
 from media.relay import RtpRelay
 from media.sdp import parse_sdp
 from media.webrtc import ToneTrack
-from sip.digest import build_authorization, choose_challenge
-from sip.message import SipRequest, SipResponse, make_response
-from sip.parser import parse_message
-from sip.transaction import new_branch
+from sip.message import SipResponse, make_response
 
 PEERS_DIR = Path(__file__).resolve().parents[1] / "peers"
 if str(PEERS_DIR) not in sys.path:
     sys.path.append(str(PEERS_DIR))
 
 from sipua import SipUA, offer_sdp  # noqa: E402
+from test_websocket_transport import WsDevice  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(40)]
 
@@ -185,119 +183,13 @@ async def record(track: object, into: list[int]) -> None:
 # -- the browser's SIP over WebSocket ------------------------------------------------------------
 
 
-class Browser:
-    """A softphone on one WebSocket connection (SIP text frames), as a browser's SIP stack."""
+class Browser(WsDevice):
+    """A browser's SIP stack on one WebSocket connection (the WebSocket transport tests'
+    device), with a longer wait for final responses: ICE and DTLS come first."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, device: SipDevice) -> None:
-        self.session = session
-        self.url = url
-        self.device = device
-        self.host = f"{secrets.token_hex(6)}.invalid"  # RFC 7118 §5
-        self.websocket: aiohttp.ClientWebSocketResponse | None = None
-        self.responses: asyncio.Queue[SipResponse] = asyncio.Queue()
-        self.requests: asyncio.Queue[SipRequest] = asyncio.Queue()
-        self._reader: asyncio.Task[None] | None = None
-        self._cseq = 0
-
-    @property
-    def aor(self) -> str:
-        return f"sip:{self.device.extension}@{LOOPBACK_V4}"
-
-    @property
-    def contact(self) -> str:
-        return f"<sip:{self.device.extension}@{self.host};transport=ws>"
-
-    async def connect(self) -> None:
-        self.websocket = await self.session.ws_connect(self.url, protocols=("sip",))
-        self._reader = asyncio.create_task(self._read())
-
-    async def close(self) -> None:
-        if self.websocket is not None:
-            await self.websocket.close()
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, 5)
-
-    async def _read(self) -> None:
-        assert self.websocket is not None
-        async for frame in self.websocket:
-            if frame.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                break
-            data = frame.data.encode() if frame.type == aiohttp.WSMsgType.TEXT else frame.data
-            message = parse_message(data, datagram=True)
-            if isinstance(message, SipResponse):
-                self.responses.put_nowait(message)
-            else:
-                self.requests.put_nowait(message)
-
-    async def send(self, message: SipRequest | SipResponse) -> None:
-        assert self.websocket is not None
-        await self.websocket.send_str(message.to_bytes().decode())
-
-    async def final_response(self, call_id: str, method: str, timeout: float = 8.0) -> SipResponse:
-        async with asyncio.timeout(timeout):
-            while True:
-                response = await self.responses.get()
-                if (
-                    response.call_id == call_id
-                    and response.status >= 200
-                    and response.cseq.method == method
-                ):
-                    return response
-
-    async def next_request(self, method: str, timeout: float = 5.0) -> SipRequest:
-        async with asyncio.timeout(timeout):
-            while True:
-                request = await self.requests.get()
-                if request.method == method:
-                    return request
-
-    def request(
-        self, method: str, uri: str, *, call_id: str, from_tag: str, to: str,
-        extra: list[tuple[str, str]] | None = None, body: bytes = b"", cseq: int | None = None,
-        branch: str | None = None,
-    ) -> SipRequest:  # fmt: skip
-        if cseq is None:
-            self._cseq += 1
-            cseq = self._cseq
-        headers = [
-            ("Via", f"SIP/2.0/WS {self.host};branch={branch or new_branch()}"),
-            ("Max-Forwards", "70"),
-            ("From", f"<{self.aor}>;tag={from_tag}"),
-            ("To", to),
-            ("Call-ID", call_id),
-            ("CSeq", f"{cseq} {method}"),
-            ("Contact", self.contact),
-            *(extra or []),
-        ]
-        if body:
-            headers.append(("Content-Type", "application/sdp"))
-        return SipRequest(method, uri, headers, body)
-
-    def credentials(self, request: SipRequest, challenge: SipResponse) -> tuple[str, str]:
-        names = ("WWW-Authenticate", "Authorization")
-        if challenge.status == 407:
-            names = ("Proxy-Authenticate", "Proxy-Authorization")
-        chosen = choose_challenge(challenge.header_lines(names[0]))
-        assert chosen is not None
-        value = build_authorization(
-            chosen, request.method, str(request.request_uri), self.device.extension,
-            self.device.password, body=request.body,
-        )  # fmt: skip
-        return (names[1], value)
-
-    async def register(self, expires: int = 600) -> SipResponse:
-        call_id, tag = secrets.token_hex(8), secrets.token_hex(4)
-        extra = [("Expires", str(expires))]
-        uri, to = f"sip:{LOOPBACK_V4}", f"<{self.aor}>"
-        first = self.request("REGISTER", uri, call_id=call_id, from_tag=tag, to=to, extra=extra)
-        await self.send(first)
-        challenge = await self.final_response(call_id, "REGISTER")
-        assert challenge.status == 401, challenge.start_line
-        extra = [*extra, self.credentials(first, challenge)]
-        await self.send(
-            self.request("REGISTER", uri, call_id=call_id, from_tag=tag, to=to, extra=extra)
-        )
-        return await self.final_response(call_id, "REGISTER")
+    async def final_response(self, call_id: str, method: str | None = None,
+                             timeout: float = 8.0) -> SipResponse:
+        return await super().final_response(call_id, method, timeout)
 
 
 @pytest.fixture
