@@ -25,6 +25,7 @@ forget where a softphone was last verified.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -277,6 +278,10 @@ class LocationStatus(StrEnum):
     UNCONFIRMED = "unconfirmed"
 
 
+# the empty address of a device with no site at all (CivicAddress is immutable: one is enough)
+_NO_ADDRESS = CivicAddress()
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedLocation:
     """The location to send with an emergency call. ``method`` is the PIDF-LO method.
@@ -404,6 +409,11 @@ def _parse_source_ip(source_ip: str) -> IPAddress | None:
     """The address in "10.0.0.1", "10.0.0.1:5060", "[2001:db8::1]:5060", "fe80::1%eth0"."""
     if not isinstance(source_ip, str):
         return None
+    return _parse_source_text(source_ip)
+
+
+@functools.lru_cache(maxsize=8192)  # devices re-register from the same few addresses
+def _parse_source_text(source_ip: str) -> IPAddress | None:
     text = source_ip.strip()
     if text.startswith("["):
         end = text.find("]")
@@ -638,7 +648,7 @@ class LocationService:
             site = self.default_site
             if site is None:
                 return ResolvedLocation(
-                    address=CivicAddress(), status=LocationStatus.DEFAULT, method=METHOD_DEFAULT,
+                    address=_NO_ADDRESS, status=LocationStatus.DEFAULT, method=METHOD_DEFAULT,
                     site=None, location_id=None, verified=False,
                     note=f"{note}; no default site configured: no address",
                     foreign_country=foreign)

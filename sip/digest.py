@@ -131,66 +131,45 @@ def _read_token(text: str, pos: int) -> tuple[str, int]:
     return text[start:pos], pos
 
 
-def _read_quoted_string(text: str, pos: int) -> tuple[str, int] | None:
-    """Read a quoted-string starting at the opening quote; unescape quoted-pairs."""
-    pos += 1  # opening quote
-    out: list[str] = []
-    while pos < len(text):
-        char = text[pos]
-        if char == '"':
-            return "".join(out), pos + 1
-        if char == "\\":
-            if pos + 1 >= len(text) or text[pos + 1] in "\r\n":
-                return None
-            out.append(text[pos + 1])
-            pos += 2
-            continue
-        code = ord(char)
-        if (code < 0x20 and char not in "\t\r\n") or code == 0x7F:
-            return None
-        out.append(char)
-        pos += 1
-    return None  # unterminated
+# One auth-param (RFC 7235 §2.1, RFC 3261 §25.1 quoted-string), with the stray commas and
+# whitespace that may precede it: a token name, "=", a token or a quoted-string whose
+# quoted-pairs are unescaped afterwards (a control character other than HTAB/CR/LF, or a
+# backslash before CR/LF, makes the quoted-string end early and the match fail).
+_AUTH_PARAM_RE = re.compile(
+    r"[ \t\r\n,]*(?P<name>[A-Za-z0-9\-.!%*_+`'~]+)[ \t\r\n]*=[ \t\r\n]*"
+    r"(?:\"(?P<quoted>(?:[^\"\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\\[^\r\n])*)\""
+    r"|(?P<token>[A-Za-z0-9\-.!%*_+`'~]+))[ \t\r\n]*"
+)
+_ONLY_SEPARATORS_RE = re.compile(r"[ \t\r\n,]*")
+_QUOTED_PAIR_RE = re.compile(r"\\(.)", re.DOTALL)
 
 
 def _parse_auth_params(text: str, pos: int) -> dict[str, str] | None:
-    """Parse ``auth-param *(COMMA auth-param)``; None on any syntax error or duplicate."""
+    """Parse ``auth-param *(COMMA auth-param)``; None on any syntax error or duplicate.
+    Empty list elements (stray commas) are tolerated, as in the #rule."""
     params: dict[str, str] = {}
+    end = len(text)
+    match_param = _AUTH_PARAM_RE.match
     while True:
-        # Empty list elements (stray commas) are tolerated, as in the #rule.
-        while True:
-            pos = _skip_whitespace(text, pos)
-            if pos < len(text) and text[pos] == ",":
-                pos += 1
-                continue
-            break
-        if pos >= len(text):
-            return params
-        name, pos = _read_token(text, pos)
-        if not name:
-            return None
-        pos = _skip_whitespace(text, pos)
-        if pos >= len(text) or text[pos] != "=":
-            return None
-        pos = _skip_whitespace(text, pos + 1)
-        if pos < len(text) and text[pos] == '"':
-            quoted = _read_quoted_string(text, pos)
-            if quoted is None:
-                return None
-            value, pos = quoted
-        else:
-            value, pos = _read_token(text, pos)
-            if not value:
-                return None
-        key = name.lower()
+        match = match_param(text, pos)
+        if match is None:
+            tail = _ONLY_SEPARATORS_RE.match(text, pos)
+            return params if tail is not None and tail.end() == end else None
+        key = match.group("name").lower()
         if key in params:
             return None
+        value = match.group("quoted")
+        if value is None:
+            value = match.group("token")
+        elif "\\" in value:
+            value = _QUOTED_PAIR_RE.sub(r"\1", value)
         params[key] = value
-        pos = _skip_whitespace(text, pos)
-        if pos < len(text):
-            if text[pos] != ",":
-                return None
-            pos += 1
+        pos = match.end()
+        if pos >= end:
+            return params
+        if text[pos] != ",":
+            return None
+        pos += 1
 
 
 def _parse_digest_header(value: object) -> tuple[str, dict[str, str]] | None:

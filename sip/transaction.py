@@ -713,17 +713,29 @@ class TransactionLayer:
         return tx if isinstance(tx, InviteServerTransaction) else None
 
     def send_response(
-        self, transaction: ServerTransaction, response: SipResponse, now: float
+        self, transaction: ServerTransaction, response: SipResponse, now: float,
+        *, stateless: bool = False,
     ) -> Events:
         """Send a response from the TU through its server transaction.
 
         On a terminated transaction a 2xx to an INVITE is still handed to the transport
         (the TU's own 2xx retransmissions, §13.3.1.4); anything else is dropped.
+        ``stateless``: a final response to a non-INVITE request ends the transaction at
+        once instead of absorbing retransmissions for Timer J — RFC 3261 §26.3.2.4's
+        single stateless challenge to an unauthenticated request (a retransmission is then
+        a new request and gets a new challenge).
         Raises TransactionStateError for a response the state forbids (a TU bug)."""
         events: Events = []
         if transaction.terminated:
             if isinstance(transaction, InviteServerTransaction) and 200 <= response.status < 300:
                 transaction._send(response, events)
+            return events
+        if (stateless and response.status >= 200
+                and isinstance(transaction, NonInviteServerTransaction)
+                and transaction.state in (TransactionState.TRYING, TransactionState.PROCEEDING)):
+            transaction.last_response = response
+            transaction._send(response, events)
+            self._terminate(transaction, events)
             return events
         transaction._on_response_from_tu(response, now, events)
         return events

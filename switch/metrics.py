@@ -11,6 +11,8 @@ No metric carries an account, device or number label.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -51,6 +53,7 @@ class SwitchMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._process_collectors: tuple[ProcessCollector, PlatformCollector] | None = None
+        self._message_children: dict[tuple[str, str, int | None], Any] = {}
         r = self.registry
         self.sip_messages = Counter(
             f"{PREFIX}_sip_messages",
@@ -296,10 +299,21 @@ class SwitchMetrics:
         )
 
     def message_in(self, method: str, status: int | None) -> None:
-        self.sip_messages.labels("in", method_label(method), str(status or "")).inc()
+        self._message_counter("in", method, status).inc()
 
     def message_out(self, method: str, status: int | None) -> None:
-        self.sip_messages.labels("out", method_label(method), str(status or "")).inc()
+        self._message_counter("out", method, status).inc()
+
+    def _message_counter(self, direction: str, method: str, status: int | None):
+        """The labelled child of ``sip_messages``, looked up once per label set (the
+        client library's ``labels()`` costs several µs per message)."""
+        key = (direction, method, status)
+        child = self._message_children.get(key)
+        if child is None:
+            child = self.sip_messages.labels(direction, method_label(method), str(status or ""))
+            if len(self._message_children) < 4096:  # bounded: methods from outside vary
+                self._message_children[key] = child
+        return child
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample (tests and the admin API read it)."""

@@ -275,27 +275,60 @@ async def test_cancel_matching_nothing_is_481(running, udp_peer: UdpPeer) -> Non
     assert (await udp_peer.response()).status == 481
 
 
-async def test_retransmitted_register_is_answered_identically_and_processed_once(
+async def test_unauthenticated_register_is_challenged_statelessly(
     running, udp_peer: UdpPeer
 ) -> None:
+    """RFC 3261 §26.3.2.4: one stateless 401 per unauthenticated request — no transaction
+    is kept for Timer J, so a retransmission is challenged again (with a fresh nonce)."""
     switch, _ = running
     register = request(
         "REGISTER", via=udp_via(udp_peer),
         extra=f"Contact: <sip:alice@127.0.0.1:{udp_peer.port}>\r\n",
     )
     udp_peer.send(register)
+    first = parse_message(await udp_peer.raw())
+    assert first.status == 401
+    assert len(switch.core.transactions) == 0
+    udp_peer.send(register)
+    second = parse_message(await udp_peer.raw())
+    assert second.status == 401
+    assert second.header("WWW-Authenticate") != first.header("WWW-Authenticate")
+    assert switch.metrics.value(
+        "softswitch_registrar_registrations_total", {"result": "challenged"}
+    ) == 2
+    assert len(switch.core.transactions) == 0
+
+
+async def test_retransmitted_authenticated_register_is_answered_identically_once(
+    running, udp_peer: UdpPeer
+) -> None:
+    """The REGISTER carrying credentials keeps its transaction: its retransmissions get
+    the same 200 and the binding is written once (a second processing would also trip
+    the nonce-count replay check)."""
+    switch, _ = running
+    contact = f"Contact: <sip:alice@127.0.0.1:{udp_peer.port}>\r\n"
+    udp_peer.send(request("REGISTER", via=udp_via(udp_peer), extra=contact))
+    challenge = await udp_peer.response()
+    authorization = build_authorization(
+        choose_challenge(challenge.header_lines("WWW-Authenticate")),
+        "REGISTER", "sip:example.com", "alice", "alice-secret-1",
+    )
+    register = request("REGISTER", via=udp_via(udp_peer),
+                       extra=f"{contact}Authorization: {authorization}\r\n")
+    udp_peer.send(register)
     first = await udp_peer.raw()
     udp_peer.send(register)
     udp_peer.send(register)
     second = await udp_peer.raw()
     third = await udp_peer.raw()
-    assert parse_message(first).status == 401
+    assert parse_message(first).status == 200
     assert first == second == third
     assert switch.metrics.value(
-        "softswitch_registrar_registrations_total", {"result": "challenged"}
+        "softswitch_registrar_registrations_total", {"result": "ok"}
     ) == 1
-    assert messages(switch, "in", "REGISTER") == 3
-    assert messages(switch, "out", "REGISTER", "401") == 3
+    assert messages(switch, "in", "REGISTER") == 4
+    assert messages(switch, "out", "REGISTER", "200") == 3
+    assert len(switch.core.transactions) == 1  # absorbing retransmissions for Timer J
 
 
 async def test_register_with_digest_over_udp_records_the_real_flow(

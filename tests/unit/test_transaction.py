@@ -578,6 +578,27 @@ def test_non_invite_server_reliable_timer_j_is_zero() -> None:
     assert_empty(layer)
 
 
+def test_stateless_final_response_ends_a_non_invite_server_transaction_at_once() -> None:
+    """RFC 3261 §26.3.2.4: a challenge sent statelessly keeps nothing for Timer J; a
+    retransmission then starts a new transaction (the TU answers it again)."""
+    layer = TransactionLayer()
+    register = build_request("REGISTER", branch="z9hG4bK-reg-1")
+    tx = layer.receive_request(register, PEER, reliable=False, now=0.0)[0].transaction
+    challenge = response_to(register, 401)
+    events = layer.send_response(tx, challenge, now=0.1, stateless=True)
+    assert [type(e) for e in events] == [SendMessage, TransactionTerminated]
+    assert tx.state is TransactionState.TERMINATED
+    assert_empty(layer)
+    again = layer.receive_request(build_request("REGISTER", branch="z9hG4bK-reg-1"), PEER,
+                                  reliable=False, now=0.5)
+    assert [type(e) for e in again] == [RequestReceived]
+    # an INVITE transaction ignores the flag: its non-2xx final still waits for the ACK
+    invite = build_request("INVITE", branch="z9hG4bK-inv-1")
+    itx = layer.receive_request(invite, PEER, reliable=False, now=1.0)[0].transaction
+    layer.send_response(itx, response_to(invite, 407), now=1.1, stateless=True)
+    assert itx.state is TransactionState.COMPLETED
+
+
 def test_same_branch_different_sent_by_is_a_different_transaction() -> None:
     layer = TransactionLayer()
     a = build_request("OPTIONS", branch="z9hG4bK-same", sent_by="192.0.2.10:5060")
