@@ -18,11 +18,25 @@ Audio is decoded and re-encoded in the bridge: browser → aiortc decodes SRTP i
 frames at a steady pace → aiortc encodes and sends SRTP to the browser. So the browser
 side and the phone side may use different G.711 laws.
 
-DTMF: aiortc does not negotiate telephone-event towards the browser, so browsers send
-DTMF as SIP INFO and receive it that way. Telephone-event packets from the phone are
-reported to ``on_dtmf(digit)`` (once per event) for the signalling side to forward as
-SIP INFO; :meth:`WebRtcBridge.send_dtmf` sends RFC 4733 events to the phone (for digits
-the browser sent as SIP INFO).
+DTMF (RFC 4733 telephone-event): aiortc knows no telephone-event codec, so the bridge
+carries events past it. telephone-event/8000 is added to the SDP for the browser (offered
+with payload type 101, or answered with the browser's own); telephone-event RTP from the
+browser (``RTCDTMFSender``) is taken out of the decrypted stream before aiortc's receiver
+would drop it and sent to the phone in the phone's payload type, audio to the phone paused
+meanwhile; while the phone signals an event, the audio packets aiortc sends to the browser
+become that event's packets (same SSRC and sequence numbers, one timestamp, the end packet
+three times). When the browser did not agree to telephone-event, the phone's digits go to
+``on_dtmf(digit)`` for the signalling side to send as SIP INFO. :meth:`WebRtcBridge.send_dtmf`
+sends digits to the phone (the softphone page's SIP INFO, when the switch converts them).
+
+Re-offers on an established call (hold, resume, a phone that moved) are renegotiated on
+the same peer connection, keeping ICE and DTLS: :meth:`~WebRtcBridge.reoffer_from_phone`
+then :meth:`~WebRtcBridge.answer_reoffer_from_browser`, or
+:meth:`~WebRtcBridge.reoffer_from_browser` then :meth:`~WebRtcBridge.answer_reoffer_from_phone`;
+each side's direction follows the other's (a side on hold gets no media; one that holds
+with ``a=sendonly`` still sends its music on hold). aiortc cannot restart ICE, so a
+browser's re-offer with new ICE credentials is refused (488). Host candidates for the
+browser carry ``advertise_host`` when it differs from the bind address (1:1 NAT).
 
 Both call directions: browser calls phone (:meth:`~WebRtcBridge.offer_from_browser`, then
 :meth:`~WebRtcBridge.answer_from_phone`) and phone calls browser
@@ -47,7 +61,7 @@ import sys
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import av
 from aiortc import (
@@ -60,6 +74,8 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtp import is_rtcp
 
 from media.announcement import PCMA, PCMU, PLAIN_RTP_PROFILES, G711Codec
 from media.backend import DirectionStats, MediaError, MediaStats, SdpError
@@ -177,6 +193,32 @@ class _PhoneLeg:
     target: Address | None = None
     latched: bool = False
     send: bool = True  # False when the phone's SDP says it does not want to receive
+    direction: str = "sendrecv"  # the phone's latest SDP direction, from its point of view
+    held_address: bool = False  # its latest SDP had c=0.0.0.0 (RFC 2543 hold)
+    sdp_target: Address | None = None  # the address of its latest SDP
+
+
+@dataclass(slots=True)
+class _EventToBrowser:
+    """A telephone-event from the phone being carried to the browser (RFC 4733)."""
+
+    event: int
+    volume: int
+    phone_ts: int
+    heard_at: float  # clock of the phone's latest packet of this event
+    start_ts: int | None = None  # browser-side timestamp of the event's first packet
+    ended: bool = False
+    end_duration: int | None = None
+    ends_sent: int = 0
+
+
+@dataclass(slots=True)
+class _EventToPhone:
+    """A telephone-event from the browser being carried to the phone."""
+
+    browser_ts: int
+    start_ts: int  # phone-side timestamp of the event
+    ended: bool = False
 
 
 def _g711_formats(description: MediaDescription) -> list[G711Codec]:
@@ -237,6 +279,47 @@ _REPLY_DIRECTION = {
     "sendonly": "recvonly",
     "inactive": "inactive",
 }
+#: How long a telephone-event from the phone may go without a packet before the bridge
+#: ends it towards the browser itself (the phone's end packets were lost).
+EVENT_SILENCE_S = 0.25
+
+
+def _sends(direction: str) -> bool:
+    return direction in ("sendrecv", "sendonly")
+
+
+def _receives(direction: str) -> bool:
+    return direction in ("sendrecv", "recvonly")
+
+
+def _direction(send: bool, receive: bool) -> str:
+    """The SDP direction attribute for a party that sends and/or receives."""
+    if send:
+        return "sendrecv" if receive else "sendonly"
+    return "recvonly" if receive else "inactive"
+
+
+def _rtp_fields(data: bytes) -> tuple[int, bool, int, int, int] | None:
+    """(payload type, marker, timestamp, payload start, payload end) of an RTP packet."""
+    if len(data) < 12 or data[0] >> 6 != 2:
+        return None
+    offset = 12 + 4 * (data[0] & 0x0F)
+    if data[0] & 0x10:  # header extension
+        if len(data) < offset + 4:
+            return None
+        offset += 4 + 4 * int.from_bytes(data[offset + 2 : offset + 4], "big")
+    end = len(data)
+    if data[0] & 0x20 and end > offset:  # padding
+        end -= data[-1]
+    if end < offset:
+        return None
+    timestamp = int.from_bytes(data[4:8], "big")
+    return data[1] & 0x7F, bool(data[1] & 0x80), timestamp, offset, end
+
+
+def _media_attribute(sdp: SessionDescription, index: int, name: str) -> str | None:
+    value = sdp.media[index].attribute(name)
+    return value if value is not None else sdp.session_attribute(name)
 
 
 class WebRtcBridge:
@@ -246,7 +329,11 @@ class WebRtcBridge:
     goes into the SDP for the phone. ``ports`` allocates the RTP/RTCP pair from the
     switch's relay range (default: two ephemeral ports). ``ice_servers`` is passed to
     aiortc (default none: host candidates only, no STUN traffic to the Internet).
-    ``on_dtmf`` is called with each telephone-event digit the phone sends.
+    ``on_dtmf`` is called with each telephone-event digit the phone sends that cannot go to
+    the browser as telephone-event RTP (the browser did not negotiate telephone-event).
+    ``host`` is also where aioice gathers the ICE host candidates (see
+    :class:`~media.hybrid.HybridMediaBackend`); when ``advertise_host`` differs, the
+    candidates' address in the SDP for the browser is rewritten to it (1:1 NAT).
     """
 
     def __init__(
@@ -295,11 +382,28 @@ class WebRtcBridge:
         self.from_phone = DirectionStats()
         self.phone_rtcp_packets = 0
         self.browser_frames = 0
+        self.negotiated_at: float | None = None  # last completed offer/answer
+        # the browser leg's SDP state
+        self._browser_te_pt: int | None = None  # telephone-event PT agreed with the browser
+        self._browser_ufrag: str | None = None
+        self._browser_origin: tuple[str, int] | None = None  # o= session id, version
+        # a re-offer waiting for its answer, and what to restore when it is refused
+        self._reoffer: tuple[SessionDescription, int, G711Codec] | None = None
+        self._saved: tuple[_PhoneLeg, str, str | None] | None = None
+        self._browser_reply = ""
+        # telephone-events (RFC 4733) between the legs
+        self._event_to_browser: _EventToBrowser | None = None
+        self._event_to_phone: _EventToPhone | None = None
+        self.dtmf_from_phone: list[str] = []
+        self.dtmf_from_browser: list[str] = []
+        self.dtmf_events_dropped = 0
 
     # -- public API ---------------------------------------------------------------------------
 
     @property
     def state(self) -> str:
+        """idle, browser-offered, phone-offered, active, phone-reoffered, browser-reoffered
+        (a re-offer from that side waits for the other side's answer), or closed."""
         return self._state
 
     @property
@@ -311,10 +415,38 @@ class WebRtcBridge:
         """The WebRTC leg's connection state (new, connecting, connected, failed, closed)."""
         return self._pc.connectionState if self._pc is not None else "new"
 
+    @property
+    def browser_lost(self) -> bool:
+        """The browser's ICE/DTLS connection failed or was closed by the browser."""
+        return self._pc is not None and self._pc.connectionState in ("failed", "closed")
+
+    @property
+    def browser_telephone_event_pt(self) -> int | None:
+        """The telephone-event payload type agreed with the browser (None: not agreed)."""
+        return self._browser_te_pt
+
+    @property
+    def browser_direction(self) -> str | None:
+        """The bridge's current direction towards the browser (None before negotiation)."""
+        if self._transceiver is None:
+            return None
+        return self._transceiver.currentDirection
+
+    @property
+    def phone_direction(self) -> str:
+        """The phone's latest SDP direction, from the phone's point of view."""
+        return "inactive" if self._phone.held_address else self._phone.direction
+
+    @property
+    def on_hold(self) -> bool:
+        """Either side holds the call: its latest SDP is not sendrecv (or c=0.0.0.0)."""
+        browser = self.browser_direction
+        return self.phone_direction != "sendrecv" or browser not in (None, "sendrecv")
+
     async def offer_from_browser(self, sdp_offer: str) -> tuple[str, bytes]:
         """Browser calls a phone: its WebRTC offer → (answer for the browser, plain offer)."""
         self._expect_state("idle")
-        _, codecs = _parse_browser_sdp(sdp_offer)
+        sdp, codecs = _parse_browser_sdp(sdp_offer)
         await self._open_phone_side()
         pc, transceiver = self._new_peer_connection(codecs)
         try:
@@ -323,38 +455,33 @@ class WebRtcBridge:
         except Exception as exc:
             await self.close()
             raise SdpError(f"browser offer not acceptable: {exc}") from exc
+        self._learn_browser(sdp)
         self._start_from_browser(transceiver.receiver.track)
         browser_codec = self._local_codec(pc)
         others = [c for c in (PCMU, PCMA) if c is not browser_codec]
         self._state = "browser-offered"
-        return pc.localDescription.sdp, self._plain_sdp([browser_codec, *others], "sendrecv")
+        direction = sdp.stream_direction(_first_audio(sdp, plain=False))
+        return self._for_browser(pc.localDescription.sdp), self._plain_sdp(
+            [browser_codec, *others], direction
+        )
 
     async def answer_from_phone(self, sdp_answer: bytes) -> None:
         """The phone's answer to our plain offer: its address and G.711 law."""
         self._expect_state("browser-offered")
-        sdp = parse_sdp(sdp_answer)
-        index = _first_audio(sdp, plain=True)
-        description = sdp.media[index]
-        codecs = _g711_formats(description)
-        if not codecs:
-            raise SdpError("the phone answered without PCMU or PCMA")
-        self._learn_phone(sdp, index, codecs[0])
+        sdp, index, codec = self._parse_phone_sdp(sdp_answer, "answered")
+        self._learn_phone(sdp, index, codec)
         self._state = "active"
+        self.negotiated_at = self._clock()
 
     async def offer_to_browser(self, plain_offer_from_phone: bytes) -> tuple[str, bytes]:
         """Phone calls a browser: its plain offer → (WebRTC offer for the browser, answer)."""
         self._expect_state("idle")
-        sdp = parse_sdp(plain_offer_from_phone)
-        index = _first_audio(sdp, plain=True)
-        description = sdp.media[index]
-        codecs = _g711_formats(description)
-        if not codecs:
-            raise SdpError(
-                "the phone offered no PCMU or PCMA; formats: " + " ".join(description.formats)
-            )
+        sdp, index, codec = self._parse_phone_sdp(plain_offer_from_phone, "offered")
+        codecs = _g711_formats(sdp.media[index])
         await self._open_phone_side()
-        self._learn_phone(sdp, index, codecs[0])
+        self._learn_phone(sdp, index, codec)
         pc, transceiver = self._new_peer_connection(codecs)
+        transceiver.direction = self._direction_for_browser()
         try:
             await pc.setLocalDescription(await pc.createOffer())
         except Exception as exc:  # pragma: no cover - aiortc refusing its own offer
@@ -364,26 +491,143 @@ class WebRtcBridge:
         self._state = "phone-offered"
         direction = _REPLY_DIRECTION[sdp.stream_direction(index)]
         answer = self._plain_sdp(
-            [codecs[0]],
+            [codec],
             direction,
             offer=sdp,
             index=index,
             telephone_event=self._phone.telephone_event_pt is not None,
         )
-        return pc.localDescription.sdp, answer
+        return self._for_browser(pc.localDescription.sdp, offer=True), answer
 
     async def answer_from_browser(self, sdp_answer: str) -> None:
         """The browser's WebRTC answer to :meth:`offer_to_browser`'s offer."""
         self._expect_state("phone-offered")
-        _parse_browser_sdp(sdp_answer)
+        sdp, _ = _parse_browser_sdp(sdp_answer)
         if self._pc is None or self._transceiver is None:  # pragma: no cover - state says so
             raise MediaError("no WebRTC offer outstanding")
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp_answer, "answer"))
         except Exception as exc:
             raise SdpError(f"browser answer not acceptable: {exc}") from exc
+        self._learn_browser(sdp)
         self._start_from_browser(self._transceiver.receiver.track)
         self._state = "active"
+        self.negotiated_at = self._clock()
+
+    # -- re-offers on an established call (hold, resume, a new address) -------------------------
+
+    async def reoffer_from_phone(self, plain_offer: bytes) -> str:
+        """The phone's re-offer (re-INVITE/UPDATE) → the WebRTC re-offer for the browser.
+
+        The browser keeps its ICE and DTLS session (aiortc renegotiates on the same peer
+        connection); the direction offered to the browser follows the phone's (a phone
+        holding with ``a=sendonly`` makes the bridge offer ``sendonly``: the phone's music
+        still reaches the browser, nothing goes back). Answer with
+        :meth:`answer_reoffer_from_browser`; :meth:`abandon_reoffer` if the browser refuses.
+        """
+        self._expect_state("active")
+        sdp, index, codec = self._parse_phone_sdp(plain_offer, "offered")
+        pc, transceiver = self._pc, self._transceiver
+        if pc is None or transceiver is None:  # pragma: no cover - state says so
+            raise MediaError("no WebRTC leg to re-offer to")
+        self._saved = (replace(self._phone), transceiver.direction, transceiver.currentDirection)
+        self._learn_phone(sdp, index, codec)
+        transceiver.direction = self._direction_for_browser()
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+        except Exception as exc:  # pragma: no cover - aiortc refusing its own offer
+            self._restore()
+            raise MediaError(f"could not create the WebRTC re-offer: {exc}") from exc
+        self._reoffer = (sdp, index, codec)
+        self._state = "phone-reoffered"
+        return self._for_browser(pc.localDescription.sdp, offer=True)
+
+    async def answer_reoffer_from_browser(self, sdp_answer: str) -> bytes:
+        """The browser's answer to :meth:`reoffer_from_phone` → the plain answer for the
+        phone: same port, direction per RFC 3264 §6.1 (limited to what the browser agreed)."""
+        self._expect_state("phone-reoffered")
+        assert self._pc is not None and self._reoffer is not None
+        sdp, _ = _parse_browser_sdp(sdp_answer)
+        self._check_same_ice(sdp)
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp_answer, "answer"))
+        except Exception as exc:
+            raise SdpError(f"browser answer not acceptable: {exc}") from exc
+        self._learn_browser(sdp)
+        offer, index, codec = self._reoffer
+        browser = sdp.stream_direction(_first_audio(sdp, plain=False))
+        phone = self.phone_direction
+        direction = _direction(
+            send=_receives(phone) and _sends(browser), receive=_sends(phone) and _receives(browser)
+        )
+        self._origin_version += 1
+        answer = self._plain_sdp(
+            [codec],
+            direction,
+            offer=offer,
+            index=index,
+            telephone_event=self._phone.telephone_event_pt is not None,
+        )
+        self._finish_reoffer()
+        return answer
+
+    async def reoffer_from_browser(self, sdp_offer: str) -> tuple[str, bytes]:
+        """The browser's re-offer (hold/resume) → (WebRTC answer for the browser, plain
+        re-offer for the phone on the same port).
+
+        aiortc answers at once on the same peer connection; the direction offered to the
+        phone follows the browser's (``a=sendonly`` from the browser → ``a=sendonly`` to the
+        phone). An ICE restart (new ``ice-ufrag``) is refused with :class:`SdpError`: aiortc
+        cannot restart ICE. Complete with :meth:`answer_reoffer_from_phone`.
+        """
+        self._expect_state("active")
+        sdp, _ = _parse_browser_sdp(sdp_offer)
+        self._check_same_ice(sdp)
+        pc, transceiver = self._pc, self._transceiver
+        if pc is None or transceiver is None:  # pragma: no cover - state says so
+            raise MediaError("no WebRTC leg to renegotiate")
+        self._saved = (replace(self._phone), transceiver.direction, transceiver.currentDirection)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp_offer, "offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            raise SdpError(f"browser re-offer not acceptable: {exc}") from exc
+        self._learn_browser(sdp)
+        browser = sdp.stream_direction(_first_audio(sdp, plain=False))
+        codec = self._phone.codec or PCMU
+        others = [c for c in (PCMU, PCMA) if c is not codec]
+        self._origin_version += 1
+        offer = self._plain_sdp([codec, *others], browser)
+        self._browser_reply = self._for_browser(pc.localDescription.sdp)
+        self._state = "browser-reoffered"
+        return self._browser_reply, offer
+
+    async def answer_reoffer_from_phone(self, sdp_answer: bytes) -> None:
+        """The phone's answer to :meth:`reoffer_from_browser`'s plain re-offer."""
+        self._expect_state("browser-reoffered")
+        sdp, index, codec = self._parse_phone_sdp(sdp_answer, "answered")
+        self._learn_phone(sdp, index, codec)
+        self._finish_reoffer()
+
+    def abandon_reoffer(self) -> None:
+        """The other side refused the re-offer (or never answered): back to the media as it
+        was before it, so the call goes on unchanged (RFC 3261 §14.1)."""
+        if self._state not in ("phone-reoffered", "browser-reoffered"):
+            return
+        pc = self._pc
+        if self._state == "phone-reoffered" and pc is not None:
+            # aiortc has no "rollback": undo the local offer by hand
+            with contextlib.suppress(AttributeError):
+                pc._RTCPeerConnection__setSignalingState("stable")  # type: ignore[attr-defined]
+                pc._RTCPeerConnection__pendingLocalDescription = None  # type: ignore[attr-defined]
+        self._restore()
+        self._reoffer = None
+        self._state = "active"
+
+    @property
+    def browser_reply(self) -> str:
+        """The WebRTC answer made for the browser's latest re-offer."""
+        return self._browser_reply
 
     async def send_dtmf(self, digits: str, duration_ms: int = 100) -> None:
         """Send ``digits`` to the phone as RFC 4733 telephone-events (audio paused meanwhile).
@@ -459,6 +703,129 @@ class WebRtcBridge:
                 f"WebRTC bridge for call {self.call_id!r} is {self._state}, not {state}"
             )
 
+    @staticmethod
+    def _parse_phone_sdp(data: bytes, verb: str) -> tuple[SessionDescription, int, G711Codec]:
+        sdp = parse_sdp(data)
+        index = _first_audio(sdp, plain=True)
+        description = sdp.media[index]
+        codecs = _g711_formats(description)
+        if not codecs:
+            raise SdpError(
+                f"the phone {verb} no PCMU or PCMA; formats: " + " ".join(description.formats)
+            )
+        return sdp, index, codecs[0]
+
+    def _learn_browser(self, sdp: SessionDescription) -> None:
+        index = _first_audio(sdp, plain=False)
+        self._browser_te_pt = _telephone_event_pt(sdp.media[index])
+        self._browser_ufrag = _media_attribute(sdp, index, "ice-ufrag")
+
+    def _check_same_ice(self, sdp: SessionDescription) -> None:
+        ufrag = _media_attribute(sdp, _first_audio(sdp, plain=False), "ice-ufrag")
+        if self._browser_ufrag is not None and ufrag != self._browser_ufrag:
+            raise SdpError(
+                "ICE restart (a new ice-ufrag) is not supported on a call bridged to WebRTC"
+            )
+
+    def _direction_for_browser(self) -> str:
+        """The bridge sends to the browser what the phone sends, and takes from the
+        browser what the phone can receive."""
+        return _direction(
+            send=_sends(self._phone.direction), receive=_receives(self.phone_direction)
+        )
+
+    def _restore(self) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        phone, direction, current = saved
+        self._phone = phone
+        if self._transceiver is not None:
+            self._transceiver.direction = direction
+            if current is not None:
+                self._transceiver._setCurrentDirection(current)
+
+    def _finish_reoffer(self) -> None:
+        self._saved = None
+        self._reoffer = None
+        self._state = "active"
+        self.negotiated_at = self._clock()
+
+    def _for_browser(self, text: str, *, offer: bool = False) -> str:
+        """aiortc's SDP made ready for the browser: one o= line for the whole session
+        (its version raised each time), telephone-event (RFC 4733) added to the audio
+        section, and host candidates on the advertised address."""
+        lines = text.split("\r\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        out: list[str] = []
+        audio_at: int | None = None
+        last_rtpmap: int | None = None
+        in_audio = False
+        for line in lines:
+            if line.startswith("m="):
+                in_audio = audio_at is None and line.startswith("m=audio ")
+                if in_audio:
+                    audio_at = len(out)
+            elif line.startswith("o="):
+                line = self._browser_origin_line(line)
+            elif line.startswith(("c=", "a=candidate:")):
+                line = self._advertised(line)
+            if in_audio and line.startswith("a=rtpmap:"):
+                last_rtpmap = len(out)
+            out.append(line)
+        if audio_at is not None:
+            formats = out[audio_at].split()[3:]
+            te = self._browser_te_pt
+            if te is None and offer:
+                te = next(
+                    pt for pt in (TELEPHONE_EVENT_PT, 126, 110, 100) if str(pt) not in formats
+                )
+            if te is not None and str(te) not in formats:
+                out[audio_at] += f" {te}"
+                at = (audio_at if last_rtpmap is None else last_rtpmap) + 1
+                out[at:at] = [f"a=rtpmap:{te} telephone-event/8000", f"a=fmtp:{te} 0-16"]
+        return "\r\n".join(out) + "\r\n"
+
+    def _browser_origin_line(self, line: str) -> str:
+        parts = line[2:].split()
+        if len(parts) != 6:
+            return line
+        if self._browser_origin is None:
+            version = int(parts[2]) if parts[2].isdigit() else 1
+            self._browser_origin = (parts[1], version)
+        else:
+            session, version = self._browser_origin
+            self._browser_origin = (session, version + 1)
+        parts[1], parts[2] = self._browser_origin[0], str(self._browser_origin[1])
+        return "o=" + " ".join(parts)
+
+    def _advertised(self, line: str) -> str:
+        """A c= or host candidate line with the bind address replaced by the advertised one
+        (the port is unchanged: 1:1 NAT keeps ports)."""
+        public, bound = self.advertise_host, self.host.strip("[]")
+        if public == bound:
+            return line
+        family = address_type(public)
+        parts = line.split(" ")
+
+        def ours(address: str) -> bool:
+            if address == bound:
+                return True
+            if bound not in ("", "0.0.0.0", "::"):
+                return False
+            try:
+                return address_type(address) == family
+            except SdpError:  # an mDNS name or other non-literal: not ours to rewrite
+                return False
+
+        if line.startswith("c="):
+            if len(parts) == 3 and parts[1] == family and ours(parts[2]):
+                parts[2] = public
+        elif len(parts) >= 8 and parts[6] == "typ" and parts[7] == "host" and ours(parts[4]):
+            parts[4] = public
+        return " ".join(parts)
+
     def _new_peer_connection(
         self, codecs: Sequence[G711Codec]
     ) -> tuple[RTCPeerConnection, RTCRtpTransceiver]:
@@ -473,7 +840,32 @@ class WebRtcBridge:
             key=lambda c: wanted.index(c.mimeType.lower()),
         )
         transceiver.setCodecPreferences(preferred)
+        self._hook_transport(transceiver.receiver.transport)
         return pc, transceiver
+
+    def _hook_transport(self, dtls: RTCDtlsTransport) -> None:
+        """Carry telephone-events past aiortc, which knows no telephone-event codec: RTP
+        from the browser with the agreed telephone-event payload type is taken before
+        aiortc's receiver would drop it, and while the phone signals an event, the audio
+        packets aiortc sends to the browser become the event's packets (same SSRC and
+        sequence numbers, RFC 4733 §2.3)."""
+        receive = dtls._handle_rtp_data
+        send = dtls._send_rtp
+
+        async def handle_rtp_data(data: bytes, arrival_time_ms: int) -> None:
+            pt = self._browser_te_pt
+            if pt is not None and len(data) >= 12 and data[1] & 0x7F == pt:
+                self._event_from_browser(data)
+                return
+            await receive(data, arrival_time_ms=arrival_time_ms)
+
+        async def send_rtp(data: bytes) -> None:
+            if self._event_to_browser is not None and not is_rtcp(data):
+                data = self._event_packet_for_browser(data)
+            await send(data)
+
+        dtls._handle_rtp_data = handle_rtp_data  # type: ignore[method-assign]
+        dtls._send_rtp = send_rtp  # type: ignore[method-assign]
 
     @staticmethod
     def _local_codec(pc: RTCPeerConnection) -> G711Codec:
@@ -512,13 +904,25 @@ class WebRtcBridge:
         self.rtcp_port = rtcp.get_extra_info("sockname")[1]
 
     def _learn_phone(self, sdp: SessionDescription, index: int, codec: G711Codec) -> None:
+        """The phone's codec, telephone-event, direction and address from its SDP. A new
+        address in a later SDP (a phone that moved) unlatches it: the next packet latches
+        again; a hold with c=0.0.0.0 keeps the address known."""
         description = sdp.media[index]
-        self._phone.codec = codec
-        self._phone.telephone_event_pt = _telephone_event_pt(description)
-        self._phone.send = sdp.stream_direction(index) in ("sendrecv", "recvonly")
+        phone = self._phone
+        phone.codec = codec
+        phone.telephone_event_pt = _telephone_event_pt(description)
+        phone.direction = sdp.stream_direction(index)
         connection = sdp.stream_connection(index)
-        if not self._phone.latched and connection is not None and not connection.is_unspecified:
-            self._phone.target = (connection.address, description.port)
+        phone.held_address = connection is None or connection.is_unspecified
+        phone.send = _receives(phone.direction) and not phone.held_address
+        if connection is None or connection.is_unspecified:
+            return
+        target = (connection.address, description.port)
+        if not phone.latched:
+            phone.target = target
+        elif phone.sdp_target is not None and target != phone.sdp_target:
+            phone.target, phone.latched = target, False
+        phone.sdp_target = target
 
     def _plain_sdp(
         self,
@@ -639,23 +1043,12 @@ class WebRtcBridge:
         else:
             phone.target = addr
             phone.latched = True
-        if len(data) < 12 or data[0] >> 6 != 2:
+        fields = _rtp_fields(data)
+        if fields is None:
             self.from_phone.dropped += 1
             return
-        pt = data[1] & 0x7F
-        offset = 12 + 4 * (data[0] & 0x0F)
-        if data[0] & 0x10:  # header extension
-            if len(data) < offset + 4:
-                self.from_phone.dropped += 1
-                return
-            offset += 4 + 4 * int.from_bytes(data[offset + 2 : offset + 4], "big")
-        end = len(data)
-        if data[0] & 0x20 and end > offset:  # padding
-            end -= data[-1]
-        if end < offset:
-            self.from_phone.dropped += 1
-            return
-        payload = data[offset:end]
+        pt, _, timestamp, start, end = fields
+        payload = data[start:end]
         self.from_phone.packets += 1
         self.from_phone.bytes += len(data)
         self.from_phone.last_packet_at = self._clock()
@@ -663,11 +1056,96 @@ class WebRtcBridge:
         if codec is not None:
             self._to_browser.feed(codec.decode(payload))
         elif pt == phone.telephone_event_pt and len(payload) >= 4:
-            timestamp = int.from_bytes(data[4:8], "big")
-            if timestamp != self._last_dtmf_ts and payload[0] < len(DTMF_EVENTS):
-                self._last_dtmf_ts = timestamp
-                if self.on_dtmf is not None:
-                    self.on_dtmf(DTMF_EVENTS[payload[0]])
+            self._event_from_phone(payload, timestamp)
+
+    # -- telephone-events (RFC 4733) between the legs ---------------------------------------------
+
+    def _event_from_phone(self, payload: bytes, timestamp: int) -> None:
+        event = payload[0]
+        if event >= len(DTMF_EVENTS):
+            self.dtmf_events_dropped += 1
+            return
+        new = timestamp != self._last_dtmf_ts
+        if new:
+            self._last_dtmf_ts = timestamp
+            self.dtmf_from_phone.append(DTMF_EVENTS[event])
+        if self._browser_te_pt is None:
+            if new and self.on_dtmf is not None:
+                self.on_dtmf(DTMF_EVENTS[event])  # the signalling side tells the browser
+            return
+        now = self._clock()
+        relay = self._event_to_browser
+        if new:
+            relay = _EventToBrowser(event, payload[1] & 0x3F, timestamp, now)
+            self._event_to_browser = relay
+        elif relay is None or relay.phone_ts != timestamp:
+            return  # a retransmitted end of an event already carried over
+        relay.heard_at = now
+        if payload[1] & 0x80:
+            relay.ended = True
+
+    def _event_packet_for_browser(self, data: bytes) -> bytes:
+        """An audio packet aiortc sends to the browser, turned into the phone's event."""
+        relay, pt = self._event_to_browser, self._browser_te_pt
+        fields = _rtp_fields(data)
+        if relay is None or pt is None or fields is None:
+            return data
+        _, _, timestamp, start, _ = fields
+        if self._clock() - relay.heard_at > 1.0:  # long gone (the browser leg was on hold)
+            self._event_to_browser = None
+            return data
+        first = relay.start_ts is None
+        if relay.start_ts is None:
+            relay.start_ts = timestamp
+        if not relay.ended and self._clock() - relay.heard_at > EVENT_SILENCE_S:
+            relay.ended = True  # the phone's end packets were lost
+        duration = min((timestamp - relay.start_ts) % 2**32 + SAMPLES_PER_PACKET, 0xFFFF)
+        if relay.ended:
+            if relay.end_duration is None:
+                relay.end_duration = duration
+            duration = relay.end_duration
+            relay.ends_sent += 1
+            if relay.ends_sent >= 3:  # the end packet three times (RFC 4733 §2.5.1.4)
+                self._event_to_browser = None
+        header = bytearray(data[:start])
+        header[0] &= 0xDF  # no padding
+        header[1] = (0x80 if first else 0) | pt
+        header[4:8] = relay.start_ts.to_bytes(4, "big")
+        flags = (0x80 if relay.ended else 0) | relay.volume
+        return bytes(header) + struct.pack("!BBH", relay.event, flags, duration)
+
+    def _event_from_browser(self, data: bytes) -> None:
+        """A telephone-event packet from the browser (RTCDTMFSender): on to the phone as
+        RFC 4733 events in the phone's payload type, audio to the phone paused meanwhile."""
+        fields = _rtp_fields(data)
+        if fields is None or fields[4] - fields[3] < 4:
+            return
+        _, _, timestamp, start, _ = fields
+        event, flags, duration = struct.unpack("!BBH", data[start : start + 4])
+        if event >= len(DTMF_EVENTS):
+            self.dtmf_events_dropped += 1
+            return
+        relay = self._event_to_phone
+        new = relay is None or relay.browser_ts != timestamp
+        if new:
+            relay = _EventToPhone(timestamp, self._rtp_ts)
+            self._event_to_phone = relay
+            self.dtmf_from_browser.append(DTMF_EVENTS[event])
+        assert relay is not None
+        pt = self._phone.telephone_event_pt
+        if pt is None or not self._phone.send:
+            if new:
+                self.dtmf_events_dropped += 1  # the phone takes no telephone-event
+            return
+        end = bool(flags & 0x80)
+        if not relay.ended:
+            self._dtmf_active = not end
+        self._send_to_phone(pt, data[start : start + 4], relay.start_ts, new)
+        if end and not relay.ended:
+            relay.ended = True
+            ahead = (relay.start_ts + max(duration, SAMPLES_PER_PACKET) - self._rtp_ts) % 2**32
+            if ahead < 2**31:
+                self._rtp_ts = (self._rtp_ts + ahead) % 2**32
 
 
 # -- benchmark -----------------------------------------------------------------------------------

@@ -202,6 +202,8 @@ class CallControl:
         self._ids = itertools.count(1)
         if media is not None:
             media.on_timeout = self._on_media_timeout
+            if hasattr(media, "on_dtmf_info"):  # a WebRTC bridge: phone DTMF to a browser
+                media.on_dtmf_info = self._on_media_dtmf
         core.invite_handler = self.on_invite
         core.dialog_handler = self.on_in_dialog
         core.cancel_handler = self.on_cancel
@@ -1373,6 +1375,11 @@ class CallControl:
 
         self.core.start_request(out, other_flow, listener)
         response = await future
+        if is_offer and call.media and (response is None or response.status >= 300):
+            # the other party refused the offer: a WebRTC bridge undoes its half of it
+            rejected = getattr(self.media, "offer_rejected", None)
+            if rejected is not None:
+                await rejected(call.call_id, from_tag)
         if response is None:
             self._respond(transaction, request, 408, "No response from the other party")
             return
@@ -1703,6 +1710,20 @@ class CallControl:
             log.info("call.media_timeout", call_id=call_id)
             self._hangup(call, "switch", "media_timeout",
                          reason='SIP;cause=408;text="Media timeout"')
+
+    def _on_media_dtmf(self, call_id: str, media_tag: str, digit: str, duration_ms: int) -> None:
+        """A desk phone's RFC 4733 digit for a browser leg that takes no telephone-event
+        RTP: SIP INFO with application/dtmf-relay in that leg's dialog."""
+        call = self.calls.get(call_id)
+        if call is None or call.state not in (CallState.ANSWERED, CallState.CONFIRMED):
+            return
+        leg = next((leg for leg in call.legs.values() if leg.media_tag == media_tag), None)
+        if leg is None:
+            return
+        body = f"Signal={digit}\r\nDuration={duration_ms}\r\n".encode()
+        log.info("call.dtmf_info", call_id=call_id, digit=digit)
+        self._send_in_dialog(leg.dialog, leg.flow, "INFO", None,
+                             headers=[("Content-Type", "application/dtmf-relay")], body=body)
 
     async def _end(self, call: Call, cause: str, by: str) -> None:
         if call.state is CallState.ENDED:

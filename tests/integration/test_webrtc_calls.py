@@ -31,12 +31,12 @@ from aiortc.mediastreams import MediaStreamError
 from switch_process import LOOPBACK_V4, Listener, SipDevice, SwitchProcess, build_config, free_port
 
 from media.announcement import PCMA, PCMU, G711Codec
-from media.backend import SdpError
+from media.backend import MediaError
 from media.hybrid import HybridMediaBackend, is_webrtc_sdp
 from media.relay import RtpRelay
 from media.sdp import parse_sdp
 from media.webrtc import ToneTrack
-from sip.message import SipResponse, make_response
+from sip.message import SipRequest, SipResponse, make_response
 
 PEERS_DIR = Path(__file__).resolve().parents[1] / "peers"
 if str(PEERS_DIR) not in sys.path:
@@ -403,8 +403,9 @@ async def test_hybrid_backend_in_process_rules_and_bad_input() -> None:
         onward = await backend.offer("web-call", "browser", webrtc)
         assert b"m=audio" in onward and b"RTP/AVP 0 8 101" in onward
         assert backend.session_count == 2 and await relay.query("web-call") is None
-        with pytest.raises(SdpError, match="not supported"):
-            await backend.offer("web-call", "browser", webrtc)  # re-offer on a bridge
+        with pytest.raises(MediaError) as refused:  # a re-offer before the bridge is answered
+            await backend.offer("web-call", "browser", webrtc)
+        assert refused.value.status == 491
         reply = await backend.answer("web-call", "browser", "phone", offer_sdp(LOOPBACK_V4, 40012))
         assert b"UDP/TLS/RTP/SAVPF" in reply and b"a=fingerprint:" in reply
         # the 200 after a 183: the same answer for the browser again
@@ -418,3 +419,214 @@ async def test_hybrid_backend_in_process_rules_and_bad_input() -> None:
         await backend.close()
     assert aioice.ice.get_host_addresses is patched  # the test's own patch is back
     assert relay.session_count == 0 and relay.ports.in_use == 0
+
+
+# -- re-offers, DTMF and a lost browser on a bridged call ------------------------------------------
+
+
+class BridgedCall:
+    """A browser → desk phone call through the switch, tones flowing both ways."""
+
+    def __init__(self, browser: Browser, desk: SipUA, phone_rtp: PhoneRtp) -> None:
+        self.browser, self.desk, self.phone_rtp = browser, desk, phone_rtp
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.heard: list[int] = []
+        self.rtp_in = 0  # RTP packets that reached the browser
+        self.tasks: list[asyncio.Task[None]] = []
+        self.call_id, self.tag = secrets.token_hex(8), secrets.token_hex(4)
+        self.to_header = ""
+        self.contact_uri = ""
+        self.port = 0  # the switch's RTP port facing the desk phone
+
+    async def start(self) -> None:
+        self.pc.addTransceiver(ToneTrack(1000.0), direction="sendrecv")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        target = f"sip:{DESK.extension}@{LOOPBACK_V4}"
+        to = f"<{target}>"
+        offer = self.pc.localDescription.sdp.encode()
+        first = self.browser.request("INVITE", target, call_id=self.call_id, from_tag=self.tag,
+                                     to=to, body=offer)  # fmt: skip
+        await self.browser.send(first)
+        challenge = await self.browser.final_response(self.call_id, "INVITE")
+        assert challenge.status == 407, challenge.start_line
+        await self.browser.send(self.browser.request(
+            "ACK", target, call_id=self.call_id, from_tag=self.tag,
+            to=challenge.header("To") or to, cseq=first.cseq.seq,
+            branch=first.top_via.params["branch"],
+        ))  # fmt: skip
+        retry = self.browser.request("INVITE", target, call_id=self.call_id, from_tag=self.tag,
+                                     to=to, body=offer,
+                                     extra=[self.browser.credentials(first, challenge)])  # fmt: skip
+        await self.browser.send(retry)
+        final = await self.browser.final_response(self.call_id, "INVITE")
+        assert final.status == 200, final.start_line
+        await self.pc.setRemoteDescription(RTCSessionDescription(final.body.decode(), "answer"))
+        contact = final.contacts[0]
+        assert final.header("To") is not None and not isinstance(contact, str)
+        self.to_header, self.contact_uri = final.header("To") or "", str(contact.uri)
+        await self.browser.send(self.request("ACK", cseq=retry.cseq.seq))
+        self.desk_call = self.desk.incoming_calls[-1]
+        assert self.desk_call.invite is not None
+        rtp_to, self.phone_rtp.codec = rtp_target(self.desk_call.invite.body)
+        self.port = rtp_to[1]
+        dtls = self.pc.getTransceivers()[0].receiver.transport
+        receive = dtls._handle_rtp_data
+
+        async def counted(data: bytes, arrival_time_ms: int) -> None:
+            self.rtp_in += 1
+            await receive(data, arrival_time_ms=arrival_time_ms)
+
+        dtls._handle_rtp_data = counted  # type: ignore[method-assign]
+        self.tasks.append(asyncio.create_task(self.phone_rtp.send_tone(rtp_to)))
+        remote = self.pc.getTransceivers()[0].receiver.track
+        self.tasks.append(asyncio.create_task(record(remote, self.heard)))
+        assert await wait_until(lambda: has_tone(self.phone_rtp.decoded, 1000.0)), "no 1 kHz"
+        assert await wait_until(lambda: has_tone(self.heard, 440.0)), "browser: no 440 Hz"
+
+    def request(self, method: str, cseq: int | None = None, body: bytes = b"") -> SipRequest:
+        return self.browser.request(method, self.contact_uri, call_id=self.call_id,
+                                    from_tag=self.tag, to=self.to_header, cseq=cseq,
+                                    body=body)  # fmt: skip
+
+    async def close(self) -> None:
+        await _cancel(self.tasks)
+        await self.pc.close()
+
+
+async def grows(read: Callable[[], int], seconds: float = 0.3) -> bool:
+    before = read()
+    await asyncio.sleep(seconds)
+    return read() > before
+
+
+async def settles(read: Callable[[], int], timeout: float = DEADLINE_S) -> bool:
+    """``read()`` stops growing (for 0.3 s) within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if not await grows(read):
+            return True
+    return False
+
+
+def sdp_value(sdp: bytes | str, name: str) -> str | None:
+    parsed = parse_sdp(sdp.encode() if isinstance(sdp, str) else sdp)
+    return parsed.media[0].attribute(name) or parsed.session_attribute(name)
+
+
+async def test_hold_and_resume_from_either_side(
+    switch: SwitchProcess, browser: Browser, desk: SipUA, phone_rtp: PhoneRtp
+) -> None:
+    call = BridgedCall(browser, desk, phone_rtp)
+    try:
+        await call.start()
+        ufrag = sdp_value(call.pc.remoteDescription.sdp, "ice-ufrag")
+        fingerprint = sdp_value(call.pc.remoteDescription.sdp, "fingerprint")
+
+        # the desk phone holds (a=sendonly), then resumes: the browser gets a WebRTC
+        # re-INVITE on the same ICE/DTLS session and answers it
+        for version, direction, answered in ((2, "sendonly", "recvonly"), (3, "sendrecv", "sendrecv")):
+            reinvite = asyncio.create_task(call.desk_call.reinvite(
+                offer_sdp(LOOPBACK_V4, phone_rtp.port, version=version, direction=direction)
+            ))  # fmt: skip
+            invite = await browser.next_request("INVITE")
+            offer = invite.body.decode()
+            assert "UDP/TLS/RTP/SAVPF" in offer and sdp_value(offer, "ice-ufrag") == ufrag
+            assert sdp_value(offer, "fingerprint") == fingerprint
+            assert parse_sdp(invite.body).stream_direction(0) == direction
+            await call.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            await call.pc.setLocalDescription(await call.pc.createAnswer())
+            ok = make_response(invite, 200, "OK", headers=[
+                ("Contact", browser.contact), ("Content-Type", "application/sdp"),
+            ], body=call.pc.localDescription.sdp.encode())  # fmt: skip
+            await browser.send(ok)
+            response = await reinvite
+            assert response is not None and response.status == 200, response
+            answer = parse_sdp(response.body)
+            assert answer.media[0].proto == "RTP/AVP" and answer.media[0].port == call.port
+            assert answer.stream_direction(0) == answered
+            if direction == "sendonly":
+                assert await settles(lambda: len(phone_rtp.received)), "audio to a held phone"
+                assert await grows(lambda: call.rtp_in), "its music on hold must go on"
+        count = len(phone_rtp.decoded)
+        assert await wait_until(lambda: len(phone_rtp.decoded) > count + 1600)
+        assert has_tone(phone_rtp.decoded, 1000.0), "no 1 kHz after the phone resumed"
+
+        # the browser holds (as JsSIP does: a re-INVITE with a=sendonly), then resumes
+        transceiver = call.pc.getTransceivers()[0]
+        for direction, answered in (("sendonly", "recvonly"), ("sendrecv", "sendrecv")):
+            transceiver.direction = direction
+            await call.pc.setLocalDescription(await call.pc.createOffer())
+            request = call.request("INVITE", body=call.pc.localDescription.sdp.encode())
+            await browser.send(request)
+            final = await browser.final_response(call.call_id, "INVITE")
+            assert final.status == 200, final.start_line
+            await browser.send(call.request("ACK", cseq=request.cseq.seq))
+            assert sdp_value(final.body, "ice-ufrag") == ufrag
+            assert parse_sdp(final.body).stream_direction(0) == answered
+            await call.pc.setRemoteDescription(RTCSessionDescription(final.body.decode(), "answer"))
+            desk_offer = [r for r in call.desk_call.received if r.method == "INVITE"][-1]
+            assert b"SAVPF" not in desk_offer.body
+            assert parse_sdp(desk_offer.body).media[0].port == call.port
+            assert parse_sdp(desk_offer.body).stream_direction(0) == direction
+            if direction == "sendonly":
+                assert await settles(lambda: call.rtp_in), "audio to the browser holding"
+                assert await grows(lambda: len(phone_rtp.received)), "its own audio must go on"
+        count = len(call.heard)
+        assert await wait_until(lambda: len(call.heard) > count + 1600)
+        assert has_tone(call.heard, 440.0), "no 440 Hz after the browser resumed"
+
+        await browser.send(call.request("BYE"))
+        assert (await browser.final_response(call.call_id, "BYE")).status == 200
+    finally:
+        await call.close()
+
+
+async def test_dtmf_between_browser_and_desk_phone(
+    switch: SwitchProcess, browser: Browser, desk: SipUA, phone_rtp: PhoneRtp
+) -> None:
+    call = BridgedCall(browser, desk, phone_rtp)
+    try:
+        await call.start()
+        # the softphone page's DTMF: SIP INFO, passed to the desk phone as is
+        info = call.request("INFO")
+        info.headers.append(("Content-Type", "application/dtmf-relay"))
+        info.body = b"Signal=7\r\nDuration=160\r\n"
+        await browser.send(info)
+        assert (await browser.final_response(call.call_id, "INFO")).status == 200
+        got = await call.desk_call.wait_request("INFO", 5)
+        assert got is not None and got.body == info.body
+        assert got.header("Content-Type") == "application/dtmf-relay"
+
+        # the desk phone's RFC 4733 "5": this browser negotiated no telephone-event, so it
+        # gets SIP INFO (application/dtmf-relay) from the switch
+        assert phone_rtp.transport is not None
+        rtp_to = (LOOPBACK_V4, call.port)
+        for seq, flags in ((1, 10), (2, 10), (3, 0x8A), (4, 0x8A), (5, 0x8A)):
+            header = struct.pack("!BBHII", 0x80, 101, 60000 + seq, 123456, 0xD35C)
+            phone_rtp.transport.sendto(header + struct.pack("!BBH", 5, flags, 160 * seq), rtp_to)
+        to_browser = await browser.next_request("INFO")
+        assert to_browser.header("Content-Type") == "application/dtmf-relay"
+        assert b"Signal=5" in to_browser.body
+        await browser.send(make_response(to_browser, 200, "OK"))
+
+        await browser.send(call.request("BYE"))
+        assert (await browser.final_response(call.call_id, "BYE")).status == 200
+    finally:
+        await call.close()
+
+
+async def test_lost_browser_connection_hangs_up_both_legs(
+    switch: SwitchProcess, browser: Browser, desk: SipUA, phone_rtp: PhoneRtp
+) -> None:
+    call = BridgedCall(browser, desk, phone_rtp)
+    try:
+        await call.start()
+        await call.pc.close()  # the tab is gone: DTLS closed, no BYE from the browser
+        bye = await call.desk_call.wait_request("BYE", 8)
+        assert bye is not None, "the desk phone was not hung up"
+        assert "408" in (bye.header("Reason") or "")
+        to_browser = await browser.next_request("BYE", 5)
+        await browser.send(make_response(to_browser, 200, "OK"))
+    finally:
+        await call.close()
