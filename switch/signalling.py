@@ -209,6 +209,11 @@ class SignallingCore:
         deadline = self.transactions.next_deadline()
         if deadline == self._timer_deadline:
             return
+        if (deadline is not None and self._timer is not None
+                and self._timer_deadline is not None and self._timer_deadline <= deadline):
+            # the armed timer fires first: it runs what is due then and arms the next
+            # one (re-arming on every new, later transaction timer churned loop handles)
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
