@@ -5,8 +5,11 @@ One page, ``GET /phone``: a SIP user agent in the browser built on JsSIP (the np
 registers to the switch over SIP over WebSocket (RFC 7118: a ``ws``/``wss`` listen entry),
 places and answers audio-only calls (WebRTC), hangs up, sends DTMF (SIP INFO,
 ``application/dtmf-relay``), shows incoming calls, and has an emergency button that dials
-the site's emergency number and shows the device's registered emergency location while
-the call is up.
+the site's emergency number and shows, while the call is up, the emergency location the
+switch sends with it. After registering, the page shows the device's emergency location
+and, when it is not verified (a nomadic device on an unmapped network: unconfirmed or
+default, EM-24/EM-52), a notice with a site and location picker to confirm it; the
+emergency button never waits for that confirmation.
 
 Routes (added with ``AdminServer.add_routes(register_softphone,
 openapi_paths=SOFTPHONE_OPENAPI_PATHS)`` before ``start()``)
@@ -24,9 +27,24 @@ openapi_paths=SOFTPHONE_OPENAPI_PATHS)`` before ``start()``)
         ..., "password": ...}``: the device's SIP credentials, checked here against the
         device directory (the configured password or HA1), not through SIP and not with an
         admin token — a softphone user holds no admin token. Answers the same view as
-        ``GET /api/v1/devices/{username}/location``. A source address with
-        `MAX_FAILURES` wrong passwords in `FAILURE_WINDOW_S` gets 429 until the window
-        ends (password guessing here is as bounded as over SIP).
+        ``GET /api/v1/devices/{username}/location``, plus ``can_confirm`` and, for a
+        nomadic device, ``choices``: the sites (id, country, one-line civic summary) and
+        their named locations (id, summary) the user may confirm (see `location_choices`
+        for which sites and why). A source address with `MAX_FAILURES` wrong passwords in
+        `FAILURE_WINDOW_S` gets 429 until the window ends (password guessing here is as
+        bounded as over SIP).
+    ``POST /phone/location/confirm``
+        A nomadic device's user confirms where they are (EM-52: on an unmapped network
+        the location is unconfirmed until the user confirms one). Body: the same
+        credentials plus ``site`` and ``location`` (a location id of that site; null only
+        for a site without named locations). Calls ``LocationService.set_location(...,
+        by=<username>)``, so the change is journaled with who made it, and answers the new
+        view; the next emergency call carries that address with ``method`` Manual. 401 for
+        wrong credentials (counted by the same limiter, 429 when locked out), 403 for a
+        fixed device (its location is provisioned by the admin, EM-50), 409 when the
+        device has no emergency location configuration, 400 for a site or location that is
+        not among the device's choices. Confirming never gates an emergency call: the
+        page's emergency button dials at once whatever the status (EM-24).
 
 Security
     The page is served with a strict Content-Security-Policy (inline script and style only
@@ -34,10 +52,13 @@ Security
     allows ``ws:``/``wss:`` because the user may point the phone at any WebSocket URL.
     Browsers allow microphone access only on a secure context: ``http://127.0.0.1`` or
     ``localhost``, or the admin listener behind a TLS proxy (with a ``wss`` listener).
+    The location routes answer only the authenticated device's own location and the
+    choices of sites and locations of its account: no other device's data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import secrets
@@ -50,7 +71,7 @@ from aiohttp import web
 
 from sip.digest import compute_ha1
 
-from .admin import ApiError
+from .admin import ApiError, _location_view
 
 if TYPE_CHECKING:
     from .admin import AdminServer
@@ -60,6 +81,7 @@ log = structlog.get_logger("switch.softphone")
 PAGE_PATH = "/phone"
 LIBRARY_PATH = "/phone/jssip.js"
 LOCATION_PATH = "/phone/location"
+CONFIRM_PATH = "/phone/location/confirm"
 REPOSITORY = Path(__file__).resolve().parents[1]
 #: where `npm run build:softphone` writes JsSIP's browser bundle (see package.json)
 JSSIP_BUNDLE = REPOSITORY / "node_modules" / ".softphone" / "jssip.min.js"
@@ -68,6 +90,8 @@ MAX_FAILURES = 10
 FAILURE_WINDOW_S = 60.0
 MAX_TRACKED_SOURCES = 10_000
 MAX_CREDENTIAL_LENGTH = 256
+MAX_ID_LENGTH = 256
+MAX_BODY_BYTES = 4096
 
 
 def emergency_number_for(country: str) -> str:
@@ -123,6 +147,7 @@ class Softphone:
             "domain": domains[0] if domains else "",
             "emergency_number": emergency_number_for(settings.dialplan.country),
             "location_path": LOCATION_PATH,
+            "confirm_path": CONFIRM_PATH,
         }
 
     # -- HTTP handlers --------------------------------------------------------------------
@@ -178,18 +203,25 @@ class Softphone:
             started, count = now, 0
         self._failures[source] = (started, count + 1)
 
-    async def location(self, request: web.Request) -> web.Response:
+    async def _authenticated(self, request: web.Request, fields: str
+                             ) -> tuple[Any, dict[str, Any]]:
+        """The device whose SIP credentials the JSON body carries, and the body. 429 while
+        the source is locked out, 413/400 for a bad body (``fields`` names the expected
+        members in the message), 401 for wrong credentials (counted)."""
         source = request.remote or "?"
         if self._throttled(source):
             raise ApiError(429, f"too many wrong passwords: wait {int(FAILURE_WINDOW_S)} s")
-        if request.content_length is not None and request.content_length > 4096:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(413, "the body is too large")
+        raw = await request.read()
+        if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, "the body is too large")
         try:
-            body = json.loads(await request.read() or b"null")
+            body = json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the body must be JSON: {\"username\", \"password\"}") from None
+            raise ApiError(400, f"the body must be JSON: {fields}") from None
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object: {\"username\", \"password\"}")
+            raise ApiError(400, f"the body must be a JSON object: {fields}")
         username, password = body.get("username"), body.get("password")
         if not (isinstance(username, str) and isinstance(password, str)
                 and 0 < len(username) <= MAX_CREDENTIAL_LENGTH
@@ -201,25 +233,121 @@ class Softphone:
         if device is None or not password_matches(device.credentials, directory.realm,
                                                   password):
             self._failed(source)
-            log.info("softphone.location_refused", source=source)
+            log.info("softphone.location_refused", source=source, path=request.path)
             raise ApiError(401, "wrong username or password")
+        return device, body
+
+    def location_view(self, device: Any) -> dict[str, Any]:
+        """The device's own emergency location (the admin API's view), whether the user
+        may confirm another one, and the choices to confirm from."""
         locations = self.switch.emergency.locations
+        username = device.username
         resolved = locations.resolve(username)
-        view = {
+        can_confirm = _can_confirm(locations, username)
+        return {
             "username": username,
             "mobility": device.mobility,
             "has_location": locations.has_location(username),
-            "status": str(resolved.status),
-            "site": resolved.site_id,
-            "location": resolved.location_id,
-            "verified": resolved.verified,
-            "method": resolved.method,
-            "summary": resolved.summary,
-            "address": resolved.address.as_mapping(),
-            "note": resolved.note,
+            **_location_view(resolved),
+            "can_confirm": can_confirm,
+            "choices": location_choices(locations, username) if can_confirm else [],
         }
-        return web.json_response(view, dumps=lambda v: json.dumps(v, default=str),
-                                 headers={"Cache-Control": "no-store"})
+
+    async def location(self, request: web.Request) -> web.Response:
+        device, _ = await self._authenticated(request, '{"username", "password"}')
+        return _no_store_json(self.location_view(device))
+
+    async def confirm(self, request: web.Request) -> web.Response:
+        fields = '{"username", "password", "site", "location"}'
+        device, body = await self._authenticated(request, fields)
+        site_id, location_id = body.get("site"), body.get("location")
+        if not (isinstance(site_id, str) and 0 < len(site_id) <= MAX_ID_LENGTH):
+            raise ApiError(400, f"site must be a site id (text, at most {MAX_ID_LENGTH}"
+                                " characters)")
+        if not (location_id is None
+                or (isinstance(location_id, str) and 0 < len(location_id) <= MAX_ID_LENGTH)):
+            raise ApiError(400, "location must be a location id of the site (text), or null"
+                                " for a site without named locations")
+        username = device.username
+        locations = self.switch.emergency.locations
+        if device.mobility != "nomadic":
+            raise ApiError(403, "this phone is a fixed device: its emergency location is"
+                                " provisioned by the administrator and cannot be changed here")
+        if username not in locations.devices:
+            raise ApiError(409, f"device {username!r} has no emergency location"
+                                " configuration (is emergency calling configured?)")
+        choices = {choice["id"]: choice for choice in location_choices(locations, username)}
+        choice = choices.get(site_id)
+        if choice is None:
+            raise ApiError(400, f"site {site_id!r} is not one you may confirm; choose one"
+                                f" of: {', '.join(sorted(choices)) or '(none configured)'}")
+        known = [entry["id"] for entry in choice["locations"]]
+        if location_id is None and known:
+            raise ApiError(400, f"site {site_id!r} has named locations: choose one of"
+                                f" {', '.join(known)} (a floor or room is part of a"
+                                " dispatchable location)")
+        if location_id is not None and location_id not in known:
+            raise ApiError(400, f"site {site_id!r} has no location {location_id!r}; choose"
+                                f" one of: {', '.join(known) or '(none: send null)'}")
+        try:
+            await asyncio.to_thread(locations.set_location, username, site_id, location_id,
+                                    by=username)
+        except ValueError as exc:  # a reload removed it in the meantime
+            raise ApiError(400, str(exc)) from None
+        log.info("softphone.location_confirmed", username=username, site=site_id,
+                 location=location_id, source=request.remote or "?")
+        return _no_store_json(self.location_view(device))
+
+
+def _no_store_json(view: dict[str, Any]) -> web.Response:
+    return web.json_response(view, dumps=lambda v: json.dumps(v, default=str),
+                             headers={"Cache-Control": "no-store"})
+
+
+def _can_confirm(locations: Any, username: str) -> bool:
+    device = locations.devices.get(username)
+    return device is not None and device.mobility == "nomadic"
+
+
+def location_choices(locations: Any, username: str) -> list[dict[str, Any]]:
+    """The sites a nomadic device's user may confirm, each with its named locations:
+    ``[{"id", "country", "summary", "locations": [{"id", "summary"}]}]``, sorted by id.
+
+    The choices are the sites of the device's *account* (every site a device of that
+    account is provisioned at), plus the site the device's location resolves to now
+    (its mapped network's or the default site, whose address the device already sees),
+    not every configured site. On a multi-tenant switch other accounts' sites are other
+    customers' premises: listing them would disclose their addresses and floors to any
+    softphone user, and confirming one would send the user's emergency calls with that
+    site's callback number and emergency route (EM-26: the caller's site supplies both).
+    A user who is at none of their organisation's sites cannot confirm one here: their
+    call then goes out with the last confirmed or default address, flagged unverified
+    (EM-24), and the admin can set a location (PUT /api/v1/devices/{username}/location).
+    Only sites and their locations are listed, never devices."""
+    device = locations.devices.get(username)
+    if device is None:
+        return []
+    sites = locations.sites
+    wanted = {other.site_id for other in locations.devices.values()
+              if other.account_id == device.account_id and other.site_id is not None}
+    if device.site_id is not None:
+        wanted.add(device.site_id)
+    current = locations.resolve(username).site_id
+    if current is not None:
+        wanted.add(current)
+    choices = []
+    for site_id in sorted(wanted):
+        site = sites.get(site_id)
+        if site is None:
+            continue
+        entries = []
+        for location_id in sorted(site.locations):
+            address = site.location_address(location_id)
+            entries.append({"id": location_id,
+                            "summary": "" if address is None else address.summary()})
+        choices.append({"id": site.id, "country": site.country,
+                        "summary": site.address.summary(), "locations": entries})
+    return choices
 
 
 def register_softphone(app: web.Application, server: AdminServer) -> None:
@@ -229,6 +357,46 @@ def register_softphone(app: web.Application, server: AdminServer) -> None:
     app.router.add_get(PAGE_PATH, softphone.page)
     app.router.add_get(LIBRARY_PATH, softphone.library)
     app.router.add_post(LOCATION_PATH, softphone.location)
+    app.router.add_post(CONFIRM_PATH, softphone.confirm)
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_CREDENTIALS_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["username", "password"],
+    "properties": {"username": {"type": "string", "minLength": 1,
+                                "maxLength": MAX_CREDENTIAL_LENGTH},
+                   "password": {"type": "string", "maxLength": MAX_CREDENTIAL_LENGTH}}}
+_LOCATION_VIEW_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["username", "mobility", "has_location", "status", "summary", "can_confirm",
+                 "choices"],
+    "properties": {
+        "username": {"type": "string"},
+        "mobility": {"type": "string", "enum": ["fixed", "nomadic"]},
+        "has_location": {"type": "boolean"},
+        "status": {"type": "string", "enum": ["verified", "default", "unconfirmed"]},
+        "site": {"type": ["string", "null"]},
+        "location": {"type": ["string", "null"]},
+        "verified": {"type": "boolean"},
+        "method": {"type": "string"},
+        "summary": {"type": "string"},
+        "address": {"type": "object"},
+        "note": {"type": "string"},
+        "foreign_country": {"type": ["string", "null"]},
+        "can_confirm": {"type": "boolean"},
+        "choices": {"type": "array", "items": {
+            "type": "object", "required": ["id", "summary", "locations"],
+            "properties": {
+                "id": {"type": "string"}, "country": {"type": "string"},
+                "summary": {"type": "string"},
+                "locations": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "summary"],
+                    "properties": {"id": {"type": "string"},
+                                   "summary": {"type": "string"}}}}}}}}}
 
 
 #: OpenAPI path items of the softphone's routes (``add_routes(..., openapi_paths=...)``).
@@ -248,16 +416,37 @@ SOFTPHONE_OPENAPI_PATHS: dict[str, Any] = {
     LOCATION_PATH: {"post": {
         "summary": "the calling device's own emergency location, after its SIP password",
         "operationId": "postSoftphoneLocation", "security": [],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["username", "password"],
-            "properties": {"username": {"type": "string"},
-                           "password": {"type": "string"}}}}}},
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": _CREDENTIALS_SCHEMA}}},
         "responses": {
-            "200": {"description": "the location (as GET /api/v1/devices/{username}/location)",
-                    "content": {"application/json": {"schema": {"type": "object"}}}},
+            "200": {"description": "the location (as GET /api/v1/devices/{username}/location)"
+                                   " with the choices the user may confirm",
+                    "content": {"application/json": {"schema": _LOCATION_VIEW_SCHEMA}}},
             "400": {"$ref": "#/components/responses/BadRequest"},
-            "401": {"description": "wrong username or password"},
-            "429": {"description": "too many wrong passwords from this source"}}}},
+            "401": _error_response("wrong username or password"),
+            "413": _error_response("the body is larger than 4 KiB"),
+            "429": _error_response("too many wrong passwords from this source")}}},
+    CONFIRM_PATH: {"post": {
+        "summary": "a nomadic device's user confirms their emergency location",
+        "operationId": "postSoftphoneLocationConfirm", "security": [],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            **_CREDENTIALS_SCHEMA,
+            "required": ["username", "password", "site", "location"],
+            "properties": {
+                **_CREDENTIALS_SCHEMA["properties"],
+                "site": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+                "location": {"type": ["string", "null"], "minLength": 1,
+                             "maxLength": MAX_ID_LENGTH}}}}}},
+        "responses": {
+            "200": {"description": "the new location (journaled as set by the user)",
+                    "content": {"application/json": {"schema": _LOCATION_VIEW_SCHEMA}}},
+            "400": {"$ref": "#/components/responses/BadRequest"},
+            "401": _error_response("wrong username or password"),
+            "403": _error_response("a fixed device: its location is provisioned by the"
+                                   " administrator"),
+            "409": _error_response("the device has no emergency location configuration"),
+            "413": _error_response("the body is larger than 4 KiB"),
+            "429": _error_response("too many wrong passwords from this source")}}},
 }
 
 
@@ -274,8 +463,8 @@ main { max-width: 420px; margin: 1.5em auto; background: #fff; padding: 1.2em;
        border-radius: 10px; box-shadow: 0 1px 4px #0002; }
 h1 { font-size: 1.2em; margin: 0 0 .8em; }
 label { display: block; font-size: .85em; margin-top: .5em; color: #4a5568; }
-input { width: 100%; box-sizing: border-box; padding: .45em; font-size: 1em;
-        border: 1px solid #cbd2dc; border-radius: 6px; }
+input, select { width: 100%; box-sizing: border-box; padding: .45em; font-size: 1em;
+                border: 1px solid #cbd2dc; border-radius: 6px; background: #fff; }
 button { padding: .55em .9em; font-size: 1em; border: 0; border-radius: 6px;
          background: #2b6cb0; color: #fff; cursor: pointer; }
 button:disabled { background: #a0aec0; cursor: default; }
@@ -289,6 +478,11 @@ button:disabled { background: #a0aec0; cursor: default; }
 #incoming { margin-top: .7em; padding: .5em; background: #fefcbf; border-radius: 6px; }
 #location { margin-top: .7em; padding: .5em; background: #fed7d7; border-radius: 6px;
             white-space: pre-line; }
+#where { margin-top: .7em; padding: .5em; background: #edf2f7; border-radius: 6px; }
+#where.notice { background: #fefcbf; }
+#where.confirmed { background: #c6f6d5; }
+#where-text, #where-error { white-space: pre-line; }
+#where-error { color: #9b2c2c; margin-top: .3em; }
 [hidden] { display: none !important; }
 </style>
 </head>
@@ -307,6 +501,15 @@ button:disabled { background: #a0aec0; cursor: default; }
 <button id="answer" disabled>Answer</button>
 <button id="hangup" disabled>Hang up</button></div>
 <div id="incoming" hidden></div>
+<div id="where" hidden>
+<div id="where-text"></div>
+<div id="where-picker" hidden>
+<label for="where-site">Site</label><select id="where-site"></select>
+<label for="where-location">Location</label><select id="where-location"></select>
+<div class="row"><button id="where-confirm">Confirm my location</button></div>
+</div>
+<div id="where-error" hidden></div>
+</div>
 <button id="emergency" disabled>Emergency (112/911)</button>
 <div id="location" hidden></div>
 <div id="status">Not registered.</div>
@@ -322,7 +525,8 @@ button:disabled { background: #a0aec0; cursor: default; }
   const media = { audio: true, video: false };
   // what a test (or a curious user in the console) can observe
   const phone = window.softphone = { registered: false, sessions: [], events: [],
-                                     session: null, state: "idle", location: null };
+                                     session: null, state: "idle", location: null,
+                                     where: null, emergency: false };
   let ua = null;
 
   function status(text) {
@@ -338,6 +542,8 @@ button:disabled { background: #a0aec0; cursor: default; }
     $("emergency").disabled = !phone.registered || live;
     $("answer").disabled = !(live && s.direction === "incoming" && phone.state === "ringing");
     $("hangup").disabled = !live;
+    // the address shown during an emergency call is the one sent with it: no change then
+    $("where-confirm").disabled = !phone.registered || (live && phone.emergency);
   }
   if (config.websocket) {
     const w = config.websocket;
@@ -384,8 +590,13 @@ button:disabled { background: #a0aec0; cursor: default; }
                         session_timers: false, user_agent: "softswitch-phone (JsSIP)" });
     ua.on("connecting", () => status("Connecting…"));
     ua.on("disconnected", () => { phone.registered = false; status("Disconnected."); buttons(); });
-    ua.on("registered", () => { phone.registered = true; status("Registered as " + ext + ".");
-                                buttons(); });
+    ua.on("registered", () => {
+      const fresh = !phone.registered;  // a first registration, or after a reconnection
+      phone.registered = true;
+      status("Registered as " + ext + ".");
+      buttons();
+      if (fresh) refreshWhere();  // the network may have changed: the location too
+    });
     ua.on("unregistered", () => { phone.registered = false; status("Not registered.");
                                   buttons(); });
     ua.on("registrationFailed", (e) => { phone.registered = false;
@@ -401,6 +612,8 @@ button:disabled { background: #a0aec0; cursor: default; }
     ua = null;
     phone.registered = false;
     old.stop();  // un-REGISTERs, ends calls, closes the WebSocket
+    phone.where = null;
+    $("where").hidden = true;
     status("Not registered.");
     buttons();
   }
@@ -430,6 +643,7 @@ button:disabled { background: #a0aec0; cursor: default; }
       phone.state = "ended";
       $("incoming").hidden = true;
       $("location").hidden = true;
+      phone.emergency = false;
       status(text + (e && e.cause ? " (" + e.cause + ")" : "") + ".");
       buttons();
     };
@@ -452,21 +666,109 @@ button:disabled { background: #a0aec0; cursor: default; }
                    { mediaConstraints: media, pcConfig: { iceServers: [] } });
   }
 
+  // the caller's own location (and the choices to confirm): POST with the SIP credentials
+  async function postLocation(path, extra) {
+    const body = Object.assign({ username: $("ext").value.trim(),
+                                 password: $("password").value }, extra || {});
+    const reply = await fetch(path, {
+      method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) });
+    let data = {};
+    try { data = await reply.json(); } catch (err) { data = {}; }
+    if (!reply.ok) throw new Error(data.error || ("HTTP " + reply.status));
+    return data;
+  }
+
+  function option(select, value, text) {
+    const o = document.createElement("option");
+    o.value = value;
+    o.textContent = text;
+    select.appendChild(o);
+  }
+
+  function fillLocations() {
+    const data = phone.where;
+    const select = $("where-location");
+    select.replaceChildren();
+    const site = (data && data.choices || []).find((c) => c.id === $("where-site").value);
+    if (!site) return;
+    if (site.locations.length === 0) option(select, "", "the site's address");
+    for (const l of site.locations) option(select, l.id, l.id + " — " + l.summary);
+    if (data.site === site.id && data.location) select.value = data.location;
+  }
+
+  // the location notice: the address emergency calls carry now and, when it is not
+  // verified, a picker to confirm one (EM-52); never in the way of an emergency call
+  function showWhere(data, confirmed) {
+    phone.where = data;
+    const box = $("where");
+    const verified = data.status === "verified";
+    const address = data.summary || "no address";
+    box.className = confirmed ? "confirmed" : (verified ? "" : "notice");
+    if (confirmed) {
+      $("where-text").textContent = "Emergency location confirmed: " + address;
+    } else if (verified) {
+      $("where-text").textContent = "Emergency location: " + address;
+    } else {
+      $("where-text").textContent =
+        "Your emergency location is not confirmed (" + data.status + "): emergency calls" +
+        " now carry " + address + "." +
+        (data.can_confirm ? "\nPick where you are and confirm it."
+                          : "\nAsk your administrator to set this phone's location.");
+    }
+    const picker = !verified && data.can_confirm && data.choices.length > 0;
+    $("where-picker").hidden = !picker;
+    if (picker) {
+      const sites = $("where-site");
+      sites.replaceChildren();
+      for (const c of data.choices) option(sites, c.id, c.id + " — " + c.summary);
+      if (data.choices.some((c) => c.id === data.site)) sites.value = data.site;
+      fillLocations();
+    }
+    $("where-error").hidden = true;
+    box.hidden = false;
+    buttons();
+  }
+
+  async function refreshWhere() {
+    try {
+      showWhere(await postLocation(config.location_path), false);
+    } catch (err) {
+      $("where-error").textContent = "Emergency location unavailable: " + err.message;
+      $("where-error").hidden = false;
+      $("where").hidden = false;
+    }
+  }
+
+  async function confirmWhere() {
+    const button = $("where-confirm");
+    button.disabled = true;
+    const chosen = $("where-location").value;
+    try {
+      const data = await postLocation(config.confirm_path, {
+        site: $("where-site").value, location: chosen === "" ? null : chosen });
+      showWhere(data, true);
+      status("Emergency location confirmed.");
+    } catch (err) {
+      $("where-error").textContent = "Not confirmed: " + err.message;
+      $("where-error").hidden = false;
+    }
+    buttons();
+  }
+
+  // during an emergency call: the address the switch sends with it (resolved now, as the
+  // switch does for the INVITE; confirming is disabled until the call ends)
   async function showLocation() {
     const box = $("location");
     box.hidden = false;
-    box.textContent = "Emergency call: your registered location…";
+    box.textContent = "Emergency call: the location sent with your call…";
     try {
-      const reply = await fetch(config.location_path, {
-        method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ username: $("ext").value.trim(),
-                               password: $("password").value }) });
-      const data = await reply.json();
-      if (!reply.ok) throw new Error(data.error || reply.status);
+      const data = await postLocation(config.location_path);
       phone.location = data;
-      box.textContent = "Emergency call: your registered location\n" +
-        (data.summary || "no location on record (" + data.status + ")") +
-        (data.note ? "\n" + data.note : "");
+      const flag = data.status === "verified" ? ""
+        : "\n(not verified: " + data.status + (data.note ? "; " + data.note : "") + ")";
+      box.textContent = "Emergency call: the location sent with your call\n" +
+        (data.summary || "no location on record (" + data.status + ")") + flag;
     } catch (err) {
       box.textContent = "Emergency call: location unavailable (" + err.message + ")";
     }
@@ -487,8 +789,15 @@ button:disabled { background: #a0aec0; cursor: default; }
     const s = phone.session;
     if (s !== null && !s.isEnded()) s.terminate();  // CANCEL, BYE or a 486 as due
   });
+  $("where-site").addEventListener("change", fillLocations);
+  $("where-confirm").addEventListener("click", confirmWhere);
+  // dials at once whatever the location status: an emergency call is never delayed (EM-24)
   $("emergency").addEventListener("click", () => {
-    if (call(config.emergency_number) !== null) showLocation();
+    if (call(config.emergency_number) !== null) {
+      phone.emergency = true;
+      buttons();
+      showLocation();
+    }
   });
   window.addEventListener("beforeunload", () => { if (ua !== null) ua.stop(); });
   buttons();
