@@ -6,6 +6,7 @@ whitespace replaced by a single space), so LWS is plain spaces and tabs here.
 
 from __future__ import annotations
 
+import re
 import string
 
 ALPHANUM = frozenset(string.ascii_letters + string.digits)
@@ -104,6 +105,27 @@ def split_top_level(text: str, sep: str = ",") -> list[str]:
 # (IPv6 references with or without brackets, as RFC 5118 §4.5 asks to tolerate).
 _PARAM_VALUE_CHARS = TOKEN_CHARS | frozenset("[]:/@?&$=")
 
+# The usual shape of a parameter list, ";name=value;flag" with no LWS and no quoted values:
+# matched whole, it parses exactly as the general loop below would (each name a token, each
+# value one or more value characters, the value running to the next ";").
+_TOKEN_CLASS = r"A-Za-z0-9.!%*_+`'~\-"
+SIMPLE_PARAMS = re.compile(rf"(?:;[{_TOKEN_CLASS}]+(?:=[{_TOKEN_CLASS}\[\]:/@?&$=]+)?)*")
+
+
+def simple_params(text: str) -> dict[str, str | None] | None:
+    """Parameters of a list already matched whole by SIMPLE_PARAMS ("" or ";a=b;c"), names
+    lower-cased; None when a name repeats (the general parser reports that error)."""
+    params: dict[str, str | None] = {}
+    if not text:
+        return params
+    for item in text[1:].split(";"):
+        name, sep, value = item.partition("=")
+        key = name.lower()
+        if key in params:
+            return None
+        params[key] = value if sep else None
+    return params
+
 
 def parse_params(text: str, pos: int, *, stop: str = "") -> tuple[dict[str, str | None], int]:
     """Parse *( SEMI generic-param ) starting at pos (LWS allowed around ; and =).
@@ -112,6 +134,16 @@ def parse_params(text: str, pos: int, *, stop: str = "") -> tuple[dict[str, str 
     keep their case, quoted values are unquoted. Raises GrammarError on an
     empty or malformed parameter. Stops at end of text or at a char in stop.
     """
+    if ";" not in stop and SIMPLE_PARAMS.fullmatch(text, pos) is not None:
+        simple = simple_params(text[pos:])
+        if simple is not None:
+            return simple, len(text)
+    return _parse_params_general(text, pos, stop)
+
+
+def _parse_params_general(
+    text: str, pos: int, stop: str
+) -> tuple[dict[str, str | None], int]:
     params: dict[str, str | None] = {}
     n = len(text)
     while True:

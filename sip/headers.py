@@ -6,9 +6,11 @@ turns that into a 400 with the reason.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .grammar import (
+    SIMPLE_PARAMS,
     TOKEN_CHARS,
     GrammarError,
     format_params,
@@ -16,10 +18,11 @@ from .grammar import (
     quote,
     scan_quoted,
     scan_token,
+    simple_params,
     skip_ws,
     split_top_level,
 )
-from .uri import SipUri, Uri, parse_uri, split_hostport
+from .uri import SIMPLE_SIP_URI_PATTERN, SipUri, Uri, parse_uri, simple_sip_uri, split_hostport
 
 # Compact forms (RFC 3261 §7.3.3 and extensions) and canonical spellings.
 COMPACT_FORMS = {
@@ -65,13 +68,20 @@ SINGLE_HEADERS = frozenset(
 )
 
 MAX_CSEQ = 2**32 - 1
+# Methods of RFC 3261 and its extensions: tokens, so their spelling needs no character check.
+KNOWN_METHODS = frozenset(
+    ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE", "NOTIFY",
+     "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE")
+)
 
 
-# Spellings seen on almost every message, answered without lower-casing.
+# Spellings seen on almost every message (canonical, lower-case, compact in either case),
+# answered without lower-casing. Every key is a token; every value is a known canonical name.
 _FAST_CANONICAL = {name: name for name in _CANONICAL}
 _FAST_CANONICAL.update({name.lower(): name for name in _CANONICAL})
 _FAST_CANONICAL.update(COMPACT_FORMS)
 _FAST_CANONICAL.update({k.upper(): v for k, v in COMPACT_FORMS.items()})
+KNOWN_SPELLINGS: dict[str, str] = _FAST_CANONICAL
 
 
 def canonical_name(name: str) -> str:
@@ -113,8 +123,34 @@ class Via:
         return f"{self.protocol}/{self.transport} {self.sent_by}{format_params(self.params)}"
 
 
+# Regular-expression pieces matching exactly the characters the general scanners accept.
+_TOKEN_RE = r"[A-Za-z0-9.!%*_+`'~\-]+"
+_PARAMS_RE = SIMPLE_PARAMS.pattern
+# The usual Via, "SIP/2.0/UDP host[:port];params": hostname or IPv4 sent-by, no LWS other
+# than the single gap before sent-by, parameters without quotes. Anything else (IPv6,
+# LWS around "/" or ":", a lower-case "sip") goes through the general scanner.
+_SIMPLE_VIA = re.compile(
+    rf"SIP/2\.0/({_TOKEN_RE})[ \t]+([A-Za-z0-9._-]+)(?::([0-9]{{1,5}}))?({_PARAMS_RE})"
+)
+
+
 def parse_via_value(text: str) -> Via:
     """Parse one Via value (LWS allowed around "/" and ":", RFC 3261 §25.1)."""
+    m = _SIMPLE_VIA.fullmatch(text)
+    if m is not None:
+        transport, host, port_text, params_text = m.groups()
+        port = None if port_text is None else int(port_text)
+        params = simple_params(params_text)
+        if (
+            params is not None
+            and (port is None or port <= 65535)
+            and ("branch" not in params or params["branch"])
+        ):
+            return Via(transport.upper(), host, port, params, "SIP/2.0")
+    return _parse_via_general(text)
+
+
+def _parse_via_general(text: str) -> Via:
     pos = skip_ws(text, 0)
     parts = []
     for i in range(3):
@@ -189,8 +225,43 @@ class NameAddress:
 STAR = "*"
 
 
+# The usual name-addr: an optional display name (a quoted string without escapes, or
+# tokens separated by spaces), "<URI>" with printable ASCII and no whitespace inside, then
+# parameters without quotes or LWS. Anything else goes through the general scanner.
+_DISPLAY_RE = rf'(?:"([^"\\]*)"[ \t]*|({_TOKEN_RE}(?:[ \t]+{_TOKEN_RE})*)[ \t]*)?'
+_SIMPLE_NAME_ADDR = re.compile(rf"{_DISPLAY_RE}<([!#-;=?-~]+)>({_PARAMS_RE})")
+# The same with the usual SIP URI inside the brackets, parsed in the same match.
+_SIMPLE_SIP_NAME_ADDR = re.compile(rf"{_DISPLAY_RE}<{SIMPLE_SIP_URI_PATTERN}>({_PARAMS_RE})")
+
+
+def _display_name(quoted: str | None, words: str | None) -> str | None:
+    if quoted is not None:
+        return quoted
+    if words is not None and (" " in words or "\t" in words):
+        return " ".join(words.split())
+    return words
+
+
 def parse_name_address(text: str) -> NameAddress:
     """Parse name-addr / addr-spec followed by parameters (RFC 3261 §20.10, §20.20)."""
+    m = _SIMPLE_SIP_NAME_ADDR.fullmatch(text)
+    if m is not None:
+        quoted, words, scheme, user, password, host, port, uri_params, params_text = m.groups()
+        params = simple_params(params_text)
+        uri = simple_sip_uri(scheme, user, password, host, port, uri_params)
+        if params is not None and uri is not None:
+            return NameAddress(uri, _display_name(quoted, words), params)
+    else:
+        m = _SIMPLE_NAME_ADDR.fullmatch(text)
+        if m is not None:
+            quoted, words, uri_text, params_text = m.groups()
+            params = simple_params(params_text)
+            if params is not None:
+                return NameAddress(parse_uri(uri_text), _display_name(quoted, words), params)
+    return _parse_name_address_general(text)
+
+
+def _parse_name_address_general(text: str) -> NameAddress:
     pos = skip_ws(text, 0)
     n = len(text)
     display: str | None = None
@@ -264,7 +335,7 @@ def parse_cseq(text: str) -> CSeq:
     seq = int(number)
     if seq > MAX_CSEQ:
         raise GrammarError("CSeq number exceeds 2**32-1")
-    if not all(c in TOKEN_CHARS for c in method):
+    if method not in KNOWN_METHODS and not all(c in TOKEN_CHARS for c in method):
         raise GrammarError("CSeq method is not a token")
     return CSeq(seq, method)
 

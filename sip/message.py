@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from .grammar import GrammarError
 from .headers import (
     CANONICAL_NAMES,
+    KNOWN_SPELLINGS,
     LIST_HEADERS,
     STAR,
     CSeq,
@@ -77,25 +78,29 @@ class SipMessage:
     # known header is found by plain comparison; unknown names compare case-insensitively.
     def header(self, name: str) -> str | None:
         """The first value of a header (compact forms accepted), or None."""
-        cname = canonical_name(name)
-        if cname in KNOWN_NAMES:
-            for hname, value in self.headers:
-                if hname == cname:
-                    return value
-            return None
-        lower = cname.lower()
+        cname = KNOWN_SPELLINGS.get(name)
+        if cname is None:
+            cname = canonical_name(name)
+            if cname not in KNOWN_NAMES:
+                lower = cname.lower()
+                for hname, value in self.headers:
+                    if hname.lower() == lower:
+                        return value
+                return None
         for hname, value in self.headers:
-            if hname.lower() == lower:
+            if hname == cname:
                 return value
         return None
 
     def header_lines(self, name: str) -> list[str]:
         """Every raw value of a header, one per header line, unsplit."""
-        cname = canonical_name(name)
-        if cname in KNOWN_NAMES:
-            return [value for hname, value in self.headers if hname == cname]
-        lower = cname.lower()
-        return [value for hname, value in self.headers if hname.lower() == lower]
+        cname = KNOWN_SPELLINGS.get(name)
+        if cname is None:
+            cname = canonical_name(name)
+            if cname not in KNOWN_NAMES:
+                lower = cname.lower()
+                return [value for hname, value in self.headers if hname.lower() == lower]
+        return [value for hname, value in self.headers if hname == cname]
 
     def header_values(self, name: str) -> list[str]:
         """All values of a header; list headers are split at top-level commas."""
@@ -105,6 +110,18 @@ class SipMessage:
         out: list[str] = []
         for line in lines:
             out.extend(split_list(line))
+        return out
+
+    def _list_values(self, cname: str) -> list[str]:
+        """header_values of a known list header given by its canonical name."""
+        out: list[str] = []
+        for hname, value in self.headers:
+            if hname == cname:
+                stripped = value.strip()
+                if stripped and "," not in stripped:
+                    out.append(stripped)
+                else:
+                    out.extend(split_list(value))
         return out
 
     def has_header(self, name: str) -> bool:
@@ -150,6 +167,8 @@ class SipMessage:
         self._cache.clear()
 
     # -- structured views (cached) ------------------------------------------------
+    # Each view is parsed once and kept in _cache under its key (mutators clear the cache;
+    # callers that edit `headers` directly drop the keys they invalidate).
     def _cached(self, key: str, build):
         try:
             return self._cache[key]
@@ -160,9 +179,13 @@ class SipMessage:
 
     @property
     def vias(self) -> list[Via]:
-        return self._cached(
-            "vias", lambda: [parse_via_value(v) for v in self.header_values("Via")]
-        )
+        try:
+            return self._cache["vias"]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        vias = [parse_via_value(v) for v in self._list_values("Via")]
+        self._cache["vias"] = vias
+        return vias
 
     @property
     def top_via(self) -> Via | None:
@@ -171,31 +194,67 @@ class SipMessage:
 
     @property
     def from_(self) -> NameAddress:
-        return self._cached("from", lambda: parse_name_address(self._required("From")))
+        try:
+            return self._cache["from"]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        value = parse_name_address(self._required("From"))
+        self._cache["from"] = value
+        return value
 
     @property
     def to(self) -> NameAddress:
-        return self._cached("to", lambda: parse_name_address(self._required("To")))
+        try:
+            return self._cache["to"]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        value = parse_name_address(self._required("To"))
+        self._cache["to"] = value
+        return value
 
     @property
     def call_id(self) -> str:
-        return self._cached("call-id", lambda: self._required("Call-ID").strip())
+        try:
+            return self._cache["call-id"]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        value = self._required("Call-ID").strip()
+        self._cache["call-id"] = value
+        return value
 
     @property
     def cseq(self) -> CSeq:
-        return self._cached("cseq", lambda: parse_cseq(self._required("CSeq")))
+        try:
+            return self._cache["cseq"]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        value = parse_cseq(self._required("CSeq"))
+        self._cache["cseq"] = value
+        return value
 
     @property
     def contacts(self) -> list[NameAddress] | str:
         """The Contact addresses, or "*" for a wildcard (REGISTER)."""
-        return self._cached("contacts", lambda: parse_contact_list(self.header_values("Contact")))
+        try:
+            return self._cache["contacts"]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        value = parse_contact_list(self._list_values("Contact"))
+        self._cache["contacts"] = value
+        return value
 
     @property
     def content_type(self) -> str | None:
         value = self.header("Content-Type")
         if value is None:
             return None
-        return self._cached("ctype", lambda: parse_content_type(value)[0])
+        try:
+            return self._cache["ctype"]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        ctype = parse_content_type(value)[0]
+        self._cache["ctype"] = ctype
+        return ctype
 
     @property
     def expires(self) -> int | None:

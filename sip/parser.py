@@ -15,13 +15,19 @@ import re
 from dataclasses import dataclass, field
 
 from .grammar import TOKEN_CHARS, GrammarError
-from .headers import SINGLE_HEADERS, canonical_name
+from .headers import KNOWN_METHODS, KNOWN_SPELLINGS, SINGLE_HEADERS, canonical_name
 from .message import SipMessage, SipRequest, SipResponse
 from .uri import SipUri
 
 DEFAULT_MAX_MESSAGE_SIZE = 65535
 _TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
 _REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")
+_LWS = (" ", "\t")
+# SINGLE_HEADERS by canonical name (the parser stores names canonically), in the set's own
+# order, Content-Length apart: its repetitions are judged by value in parse_message.
+_SINGLE_CANONICAL = tuple(
+    canonical_name(lower) for lower in SINGLE_HEADERS if lower != "content-length"
+)
 
 
 @dataclass
@@ -66,6 +72,44 @@ def _unfold_lines(head: str) -> list[str]:
     return lines
 
 
+def _split_lines(head: str) -> tuple[list[str], bool]:
+    """The header section's lines, and whether they went through _unfold_lines. Usual case:
+    CRLF line ends only, split as they are; a folded line among them is noticed while
+    reading the headers (it starts with LWS), which then unfolds them."""
+    lines = head.split("\r\n")
+    if head.count("\n") != len(lines) - 1 or lines[0].startswith(_LWS):
+        return _unfold_lines(head), True
+    return lines, False
+
+
+class _FoldedLine(Exception):
+    """A header line starts with LWS: the lines need unfolding before they are read."""
+
+
+def _read_header_lines(
+    lines: list[str], unfolded: bool
+) -> tuple[list[tuple[str, str]], str | None]:
+    """(canonical name, value) of each header line after the start line, and the first
+    malformed line's description. Unless the lines went through _unfold_lines, raises
+    _FoldedLine at a line starting with LWS (a continuation to join first)."""
+    headers: list[tuple[str, str]] = []
+    error: str | None = None
+    spellings = KNOWN_SPELLINGS
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        cname = spellings.get(name)  # known spellings are tokens without LWS
+        if cname is None or not sep:
+            if not unfolded and line.startswith(_LWS):
+                raise _FoldedLine
+            name = name.rstrip(" \t")
+            if not sep or _TOKEN.fullmatch(name) is None:
+                error = error or f"malformed header line {line[:40]!r}"
+                continue
+            cname = canonical_name(name)
+        headers.append((cname, value.strip(" \t")))
+    return headers, error
+
+
 def _parse_start_line(line: str) -> tuple[bool, tuple]:
     if line.startswith("SIP/") or line[:4].upper() == "SIP/":
         # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
@@ -83,7 +127,7 @@ def _parse_start_line(line: str) -> tuple[bool, tuple]:
     if len(parts) != 3:
         raise SipParseError("malformed request line", is_request=True)
     method, uri, version = parts
-    if not method or any(c not in TOKEN_CHARS for c in method):
+    if method not in KNOWN_METHODS and (not method or any(c not in TOKEN_CHARS for c in method)):
         raise SipParseError("method is not a token", is_request=True)
     if not version.upper().startswith("SIP/"):
         raise SipParseError("malformed request line", is_request=True)
@@ -102,18 +146,19 @@ def parse_message(
         data = data.lstrip(b"\r\n")
     head_bytes, rest = _split_head(data)
     head = head_bytes.decode("utf-8", "surrogateescape")
-    lines = _unfold_lines(head)
-    if not lines or not lines[0]:
+    lines, unfolded = _split_lines(head)
+    try:
+        headers, error = _read_header_lines(lines, unfolded)
+    except _FoldedLine:
+        lines = _unfold_lines(head)
+        headers, error = _read_header_lines(lines, True)
+    if not lines[0]:
         raise SipParseError("empty start line")
-    headers: list[tuple[str, str]] = []
-    error: str | None = None
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        name = name.rstrip(" \t")
-        if not sep or _TOKEN.fullmatch(name) is None:
-            error = error or f"malformed header line {line[:40]!r}"
-            continue
-        headers.append((canonical_name(name), value.strip(" \t")))
+    # The header names present (known names all canonicalise to one spelling); counted
+    # per name only when some name repeats.
+    counts: set[str] | dict[str, int] = {h[0] for h in headers}
+    if len(counts) != len(headers):
+        counts = _count_names(headers)
 
     try:
         is_request, start = _parse_start_line(lines[0])
@@ -136,9 +181,8 @@ def parse_message(
         msg = SipResponse(start[0], start[1], headers, b"", start[2])
 
     # Framing: Content-Length (a second, different value makes framing unknown).
-    lengths = msg.header_lines("Content-Length")
-    if lengths:
-        values = {v.strip() for v in lengths}
+    if "Content-Length" in counts:
+        values = {v.strip() for n, v in headers if n == "Content-Length"}
         if len(values) > 1:
             raise fail("conflicting Content-Length values")
         clen_text = values.pop()
@@ -153,21 +197,32 @@ def parse_message(
             raise fail("Content-Length missing on a stream transport")
         msg.body = rest
 
-    _validate(msg, fail)
+    _validate(msg, fail, counts)
     return msg
 
 
-def _validate(msg: SipMessage, fail) -> None:
+def _count_names(headers: list[tuple[str, str]]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for name, _ in msg.headers:
-        lower = name.lower()
-        counts[lower] = counts.get(lower, 0) + 1
+    for name, _ in headers:
+        cname = canonical_name(name)
+        counts[cname] = counts.get(cname, 0) + 1
+    return counts
+
+
+def _validate(
+    msg: SipMessage, fail, counts: set[str] | dict[str, int] | None = None
+) -> None:
+    """The checks every parsed message passes. counts: header lines per canonical name, or
+    the set of names when none repeats."""
+    if counts is None:
+        counts = _count_names(msg.headers)
     for name in _REQUIRED:
-        if name.lower() not in counts:
+        if name not in counts:
             raise fail(f"missing {name} header")
-    for lower in SINGLE_HEADERS:
-        if counts.get(lower, 0) > 1 and lower != "content-length":
-            raise fail(f"more than one {canonical_name(lower)} header")
+    if isinstance(counts, dict):
+        for name in _SINGLE_CANONICAL:
+            if counts.get(name, 0) > 1:
+                raise fail(f"more than one {name} header")
     try:
         vias = msg.vias
         msg.from_  # noqa: B018 - parse and cache
@@ -175,12 +230,12 @@ def _validate(msg: SipMessage, fail) -> None:
         msg.cseq  # noqa: B018
         if not msg.call_id:
             raise GrammarError("empty Call-ID")
-        if "contact" in counts:
+        if "Contact" in counts:
             msg.contacts  # noqa: B018
         mf = msg.header("Max-Forwards")
         if mf is not None and (not mf.strip().isdigit() or int(mf.strip()) > 255):
             raise GrammarError("Max-Forwards is not an integer from 0 to 255")
-        if "content-type" in counts:
+        if "Content-Type" in counts:
             msg.content_type  # noqa: B018
     except GrammarError as exc:
         raise fail(str(exc)) from None

@@ -217,8 +217,49 @@ def _parse_uri_params(text: str) -> dict[str, str | None]:
     return params
 
 
+# The usual SIP URI, "sip:user[:password]@host[:port];params", in printable ASCII, with no
+# headers part, no IPv6 reference, no ";", "?" or "@" inside the userinfo and no "@", empty
+# item or empty value among the parameters. A full match parses exactly as the general path
+# below would (scheme lower-cased, first "@" ends the userinfo, first ";" starts the
+# parameters); anything else takes that path. Groups: scheme, user, password, host, port,
+# parameters (with their leading ";").
+SIMPLE_SIP_URI_PATTERN = (
+    r"(sips?|SIPS?):(?:([!#-9=A-~]+)(?::([!#-:=A-~]*))?@)?"
+    r"([A-Za-z0-9._-]+)(?::([0-9]{1,5}))?"
+    r"((?:;[!#-:A-~]+(?:=[!#-:=A-~]+)?)*)"
+)
+_SIMPLE_SIP_URI = re.compile(SIMPLE_SIP_URI_PATTERN)
+
+
+def simple_sip_uri(
+    scheme: str, user: str | None, password: str | None, host: str, port: str | None,
+    params: str,
+) -> SipUri | None:
+    """The SipUri of SIMPLE_SIP_URI_PATTERN's groups; None when the port exceeds 65535
+    (the general path reports that error)."""
+    if port is None:
+        port_number = None
+    else:
+        port_number = int(port)
+        if port_number > 65535:
+            return None
+    return SipUri(
+        scheme.lower(), user, password, host, port_number,
+        _parse_uri_params(params[1:]) if params else {}, None,
+    )
+
+
 def parse_uri(text: str) -> Uri:
     """Parse a URI. Raises GrammarError if it is not a well-formed URI."""
+    m = _SIMPLE_SIP_URI.fullmatch(text)
+    if m is not None:
+        uri = simple_sip_uri(*m.groups())
+        if uri is not None:
+            return uri
+    return _parse_uri_general(text)
+
+
+def _parse_uri_general(text: str) -> Uri:
     colon = text.find(":")
     if colon <= 0:
         raise GrammarError(f"not a URI: {text!r}")
