@@ -391,8 +391,9 @@ class Softswitch:
     async def _watch_overload(self, period: float = 0.1, high: float = 0.25,
                               low: float = 0.05) -> None:
         """Overload control: the lag of a 100 ms timer tells how far behind the event
-        loop is. Beyond 250 ms new ordinary calls are refused with 503 until it falls
-        under 50 ms again; emergency calls are never shed."""
+        loop is. Beyond 250 ms new ordinary calls and new registrations are refused with
+        503 and Retry-After until it falls under 50 ms again; emergency calls are never
+        shed."""
         loop = asyncio.get_running_loop()
         lag = 0.0
         while True:
@@ -401,10 +402,10 @@ class Softswitch:
             sample = loop.time() - started - period
             lag = 0.7 * lag + 0.3 * sample  # smoothed: one slow iteration is not overload
             if not self.calls.overloaded and lag > high:
-                self.calls.overloaded = True
+                self.calls.overloaded = self.core.overloaded = True
                 log.warning("switch.overloaded", lag_ms=round(lag * 1000, 1))
             elif self.calls.overloaded and lag < low:
-                self.calls.overloaded = False
+                self.calls.overloaded = self.core.overloaded = False
                 log.info("switch.overload_ended", lag_ms=round(lag * 1000, 1))
 
     async def _emergency_housekeeping(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import random
 import secrets
 import ssl
 import time
@@ -42,6 +43,9 @@ from sip.validation import Rejection, check_request
 from .metrics import SwitchMetrics, method_label
 
 log = structlog.get_logger("switch.signalling")
+
+# Retry-After of a request shed under overload: spread so phones do not return together
+SHED_RETRY_AFTER_S = (5, 15)
 
 # Transports whose every unit (datagram, WebSocket message) is exactly one SIP message.
 MESSAGE_FRAMED_TRANSPORTS = frozenset({"udp", "ws", "wss"})
@@ -92,6 +96,9 @@ class SignallingCore:
         # handler coroutines started eagerly and waiting on a future (see _start_eagerly)
         self._suspended: set[Coroutine[Any, Any, None]] = set()
         self.closing = False
+        # set while the event loop lags (Softswitch._watch_overload): new registrations and
+        # other out-of-dialog requests but OPTIONS get 503 with Retry-After
+        self.overloaded = False
 
     # -- lifecycle -------------------------------------------------------------------
     async def listen(
@@ -285,6 +292,19 @@ class SignallingCore:
             self.invite_handler(request, transaction)
             return
         handler = self.handlers.get(request.method)
+        if handler is not None and self.overloaded and request.method != "OPTIONS":
+            # past saturation new registrations are shed at once, statelessly, with a
+            # spread-out Retry-After: the processor stays with the calls in progress and
+            # emergency calls, and phones come back later instead of retransmitting into
+            # a queue that no longer drains (OPTIONS, cheap, still tells peers we live)
+            self.metrics.sip_requests_rejected.labels(method_label(request.method),
+                                                      "503").inc()
+            self.respond(transaction, make_response(
+                request, 503, "Overloaded, try again later", to_tag=secrets.token_hex(6),
+                headers=[("Server", self.server_header),
+                         ("Retry-After", str(random.randint(*SHED_RETRY_AFTER_S)))]),
+                stateless=True)
+            return
         if handler is None:
             self.respond(transaction, make_response(
                 request, 405, "Method Not Allowed outside a dialog", to_tag=secrets.token_hex(6),
@@ -339,10 +359,13 @@ class SignallingCore:
         if response is not None:
             self.respond(transaction, response)
 
-    def respond(self, transaction: ServerTransaction, response: SipResponse) -> None:
-        # a digest challenge to a request outside an INVITE is sent statelessly (RFC 3261
-        # §26.3.2.4): no transaction kept for Timer J per unauthenticated request
-        stateless = response.status in (401, 407)
+    def respond(self, transaction: ServerTransaction, response: SipResponse,
+                *, stateless: bool = False) -> None:
+        """Send a response in its server transaction. A digest challenge to a request
+        outside an INVITE is always sent statelessly (RFC 3261 §26.3.2.4): no transaction
+        is kept for Timer J per unauthenticated request; ``stateless`` does the same for
+        another final response (overload shedding)."""
+        stateless = stateless or response.status in (401, 407)
         self._process(self.transactions.send_response(
             transaction, response, now=self.clock(), stateless=stateless))
 

@@ -331,6 +331,31 @@ async def test_retransmitted_authenticated_register_is_answered_identically_once
     assert len(switch.core.transactions) == 1  # absorbing retransmissions for Timer J
 
 
+async def test_registrations_are_shed_with_503_and_retry_after_while_overloaded(
+    running, udp_peer: UdpPeer
+) -> None:
+    """Past saturation (the event loop lags) a new REGISTER gets a stateless 503 with a
+    Retry-After of 5–15 s and reaches no handler; OPTIONS is still answered; once the
+    overload ends registrations are challenged again."""
+    switch, _ = running
+    switch.core.overloaded = True
+    contact = f"Contact: <sip:alice@127.0.0.1:{udp_peer.port}>\r\n"
+    udp_peer.send(request("REGISTER", via=udp_via(udp_peer), extra=contact))
+    shed = await udp_peer.response()
+    assert shed.status == 503
+    assert 5 <= int(shed.header("Retry-After") or "0") <= 15
+    assert len(switch.core.transactions) == 0
+    assert switch.metrics.value(
+        "softswitch_registrar_registrations_total", {"result": "challenged"}) == 0
+    assert switch.metrics.value(
+        "softswitch_sip_requests_rejected_total", {"method": "REGISTER", "status": "503"}) == 1
+    udp_peer.send(request("OPTIONS", via=udp_via(udp_peer)))
+    assert (await udp_peer.response()).status == 200
+    switch.core.overloaded = False
+    udp_peer.send(request("REGISTER", via=udp_via(udp_peer), extra=contact))
+    assert (await udp_peer.response()).status == 401
+
+
 async def test_register_with_digest_over_udp_records_the_real_flow(
     running, udp_peer: UdpPeer
 ) -> None:
