@@ -1,14 +1,18 @@
 """``python -m tests.bench [--quick] [--only SCENARIO] [--emergency-load CPS]``
 
-SCENARIO: register, kamailio, memory, profile, calls, relay, emergency or fairuse
-(repeatable).
+SCENARIO: register, kamailio, memory, profile, calls, callmemory, relay, emergency,
+fairuse, webrtc or summary (repeatable).
 
 Runs the REGISTER benchmarks (bench-results/register.{json,md,png}; with ``--only``, the
 other sections of an existing register.json are kept), the calls-per-second benchmark
-(calls.{json,md,png}), the relayed-calls benchmark (relay.{json,md,png}) and the
-emergency call setup latency benchmark (emergency.{json,md,png}). ``fairuse`` (no SIP:
-the fair-use admission cost and Redis round trips per call) writes fairuse.{json,md,png}.
-Only the files of the scenarios that ran are written.
+with the Sippy B2BUA and Kamailio as a stateful proxy (calls.{json,md,png}), memory per
+active call (callmemory.{json,md,png}), the relayed-calls benchmark (relay.{json,md,png})
+and the emergency call setup latency benchmark (emergency.{json,md,png}). ``fairuse`` (no
+SIP: the fair-use admission cost and Redis round trips per call) writes
+fairuse.{json,md,png}; ``webrtc`` (no SIP: bridged DTLS-SRTP calls per core) writes
+webrtc.{json,md,png}. Only the files of the scenarios that ran are written. After any run
+summary.{json,md,png} is rebuilt from every <scenario>.json in the output folder
+(``--only summary`` runs nothing else).
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import calls, emergency, fairuse, register, relay, report
+from . import callmemory, calls, emergency, fairuse, register, relay, report, summary, webrtc
 from .procs import REPO_ROOT, BenchError, machine_description
 
 REGISTER_SCENARIOS = ("register", "kamailio", "memory", "profile")
-SCENARIOS = (*REGISTER_SCENARIOS, "calls", "relay", "emergency", "fairuse")
+SCENARIOS = (*REGISTER_SCENARIOS, "calls", "callmemory", "relay", "emergency", "fairuse",
+             "webrtc", "summary")
+# scenarios that need no SIPp
+WITHOUT_SIPP = {"fairuse", "webrtc", "summary"}
 FALLBACK_CLEAN_RATE = 1000
 
 
@@ -47,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for tool in ("sipp",) if set(args.only or SCENARIOS) - {"fairuse"} else ():
+    for tool in ("sipp",) if set(args.only or SCENARIOS) - WITHOUT_SIPP else ():
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (apt-get install sip-tester)", file=sys.stderr)
             return 2
@@ -61,17 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         status = _register_benchmarks(args, chosen, output, command.strip())
     for name, runner, markdown, plot in (
         ("calls", calls.run_calls, report.calls_markdown, report.calls_plot),
+        ("callmemory", callmemory.run_callmemory, report.callmemory_markdown,
+         report.callmemory_plot),
         ("relay", relay.run_relay, report.relay_markdown, report.relay_plot),
         ("emergency",
          lambda quick, workdir: emergency.run_emergency(
              quick, workdir, background_rate=args.emergency_load),
          report.emergency_markdown, report.emergency_plot),
         ("fairuse", fairuse.run_fairuse, report.fairuse_markdown, report.fairuse_plot),
+        ("webrtc", webrtc.run_webrtc, report.webrtc_markdown, report.webrtc_plot),
     ):
         if name in chosen and status != 130:
             status = max(status, _other_benchmark(
                 name, runner, markdown, plot, args, output, command.strip()))
+    _summary(output)
     return status
+
+
+def _summary(output: Path) -> None:
+    """summary.{json,md,png} from whatever results the output folder holds."""
+    built = summary.build_summary(output)
+    if built is None:
+        print(f"bench: no scenario results in {output}: no summary", flush=True)
+        return
+    print(f"bench: wrote {output / 'summary.json'}, summary.md"
+          + (", summary.png" if built.get("plotted") else " (no plot)")
+          + f"; targets met {built['targets_met']} of {built['targets_total']}", flush=True)
 
 
 def _other_benchmark(name: str, runner, markdown, plot, args: argparse.Namespace,

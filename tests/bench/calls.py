@@ -1,4 +1,5 @@
-"""Calls per second through the B2BUA without media, and the Sippy B2BUA as the reference.
+"""Calls per second through the B2BUA without media; the Sippy B2BUA and Kamailio as a
+stateful proxy as the references.
 
 One "call" is one SIPp caller call of ``sipp/uac_call_digest.xml`` through the switch
 (INVITE, 407, ACK, INVITE with credentials, 180, 200, ACK, BYE, 200) to a SIPp callee
@@ -6,6 +7,11 @@ One "call" is one SIPp caller call of ``sipp/uac_call_digest.xml`` through the s
 up as soon as it has sent the ACK. The switch runs with ``media: {backend: none}`` (the
 SDP passes through) and writes its CDR ledger as usual. Each step offers a fixed rate;
 the ramp stops after the first step that is not clean, as for REGISTER.
+
+Kamailio (the shared benchmark cfg, 4 UDP workers) proxies the same call statefully (tm,
+record-route, digest on INVITE: the same 407 round trip) to the SIPp callee, its static
+destination; the caller is ``sipp/uac_call_digest_rr.xml`` (ACK and BYE carry the
+Record-Route set as Route headers). Sippy does not authenticate: ``uac_call_plain.xml``.
 """
 
 from __future__ import annotations
@@ -22,8 +28,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .configs import device_users, switch_config_text
-from .procs import LOOPBACK, BenchError, SwitchProcess, cpu_seconds, free_udp_port
+from .configs import device_users, kamailio_users, switch_config_text
+from .procs import (
+    LOOPBACK,
+    BenchError,
+    KamailioProcess,
+    SwitchProcess,
+    cpu_seconds,
+    ensure_kamailio,
+    free_udp_port,
+    peers_dir,
+)
 from .register import _log_errors
 from .sipp import (
     MIN_ACHIEVED_SHARE,
@@ -37,7 +52,10 @@ from .sipp import (
 
 CALLER_SCENARIO = SCENARIO_DIR / "uac_call_digest.xml"
 PLAIN_CALLER_SCENARIO = SCENARIO_DIR / "uac_call_plain.xml"
+PROXIED_CALLER_SCENARIO = SCENARIO_DIR / "uac_call_digest_rr.xml"
 CALLEE_SCENARIO = SCENARIO_DIR / "uas_answer.xml"
+# behind Kamailio's several UDP workers a call's BYE may overtake its ACK
+UNORDERED_CALLEE_SCENARIO = SCENARIO_DIR / "uas_answer_unordered.xml"
 REGISTER_CONTACT_SCENARIO = SCENARIO_DIR / "register_contact.xml"
 # retransmissions may be at most this share of the messages that can be retransmitted
 MAX_CALL_RETRANSMISSION_SHARE = 0.001
@@ -50,6 +68,9 @@ RETRANSMITTABLE_PER_PLAIN_CALL = 3
 # every second) include the last calls
 CALLEE_GRACE_S = 2.0
 SIPPY_VENV_NAME = "venv-sippy"
+# the shared Kamailio cfg listens on this UDP port only
+KAMAILIO_PORT = 5080
+KAMAILIO_CHILDREN = 4
 SIPPY_START_TIMEOUT_S = 15.0
 
 
@@ -85,7 +106,8 @@ class CallsPlan:
             "calls_per_step": "rate x step_seconds",
             "call": (
                 "INVITE -> 407 -> ACK, INVITE with credentials -> 180 -> 200 -> ACK, "
-                "BYE at once -> 200 (Sippy: no 407)"
+                "BYE at once -> 200 (Sippy: no 407; Kamailio: the same call, ACK and BYE "
+                "with the Record-Route set as Route)"
             ),
             "clean": (
                 "0 failed on either side, every call completed, retransmissions (caller and "
@@ -233,6 +255,7 @@ def _stats_rows(path: Path) -> list[dict[str, str]]:
 def run_call_step(
     *, label: str, target: str, caller_scenario: Path, injection: Path, callee_port: int,
     rate: float, calls: int, watch: list[int], wall_limit: float, retransmittable_per_call: int,
+    callee_scenario: Path = CALLEE_SCENARIO,
 ) -> CallRun:
     """``calls`` calls at ``rate``/s from a SIPp caller to ``target`` (the B2BUA), which
     sends them to a fresh SIPp callee on ``callee_port``; judged on both sides."""
@@ -242,7 +265,7 @@ def run_call_step(
     with tempfile.TemporaryDirectory(prefix="bench-sipp-calls-") as tmp:
         workdir = Path(tmp)
         caller_stats, callee_stats = workdir / "caller.csv", workdir / "callee.csv"
-        callee = start_callee(scenario=CALLEE_SCENARIO, port=callee_port, calls=None,
+        callee = start_callee(scenario=callee_scenario, port=callee_port, calls=None,
                               workdir=workdir, stats_path=callee_stats,
                               wall_limit=wall_limit + 10)
         command = [
@@ -330,6 +353,7 @@ def _step_wall_limit(seconds: float) -> float:
 def _ramp(
     plan: CallsPlan, *, label: str, target: str, caller_scenario: Path, injection: Path,
     callee_port: int, watch: list[int], alive, retransmittable_per_call: int,
+    callee_scenario: Path = CALLEE_SCENARIO,
 ) -> dict:
     """Offer each step's rate in turn; stop after the first step that is not clean."""
     steps: list[dict] = []
@@ -349,6 +373,7 @@ def _ramp(
                 callee_port=callee_port, rate=rate, calls=int(rate * plan.step_seconds),
                 watch=watch, wall_limit=_step_wall_limit(plan.step_seconds),
                 retransmittable_per_call=retransmittable_per_call,
+                callee_scenario=callee_scenario,
             )
             print("bench:", run.summary(), flush=True)
             attempts.append(run)
@@ -367,7 +392,8 @@ def _ramp(
         "achieved_at_highest_clean": round(best.achieved_rate, 1) if best else 0,
         "cpu_percent_at_highest_clean": round(best.target_cpu_percent, 1) if best else None,
         "cpu_ms_per_call": _cpu_ms_per_call(best),
-        "reached_last_step_cleanly": bool(best) and len(steps) == len(plan.steps),
+        "reached_last_step_cleanly": (bool(best) and len(steps) == len(plan.steps)
+                                      and bool(steps[-1]["clean"])),
     }
 
 
@@ -534,11 +560,68 @@ def sippy_calls(plan: CallsPlan, workdir: Path) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------------------
+# 3. Kamailio as a stateful proxy, the other peer reference
+# --------------------------------------------------------------------------------------
+
+
+def kamailio_calls(plan: CallsPlan, workdir: Path) -> dict:
+    """The same ramp through Kamailio (tm, record-route, 407 on INVITE) to the SIPp callee,
+    its static destination; callers are the 1000..1998 its htable knows."""
+    peers = peers_dir()
+    if peers is None:
+        return {"skipped": "shared peer configs not found (set PEERS_DIR)"}
+    if ensure_kamailio() is None:
+        return {"skipped": "kamailio is not installed and could not be installed"}
+    if udp_port_bound(KAMAILIO_PORT):
+        raise BenchError(f"UDP {LOOPBACK}:{KAMAILIO_PORT} is taken (another Kamailio?)")
+    callee_port = free_udp_port()
+    callers = kamailio_users(1000)[:plan.callers]
+    injection = workdir / "kamailio-callers.csv"
+    write_call_injection(injection, [caller_row(user, password, "callee")
+                                     for user, password in callers])
+    kamailio = KamailioProcess(
+        peers, workdir / "kam-calls", children=KAMAILIO_CHILDREN,
+        defines=["WITH_INVITE_AUTH", f'STATIC_DST="sip:{LOOPBACK}:{callee_port}"'],
+    )
+    kamailio.start()
+    print(f"bench: kamailio pids {kamailio.pids} (stateful proxy to {callee_port})", flush=True)
+    try:
+        result = _ramp(
+            plan, label="kamailio", target=f"{LOOPBACK}:{KAMAILIO_PORT}",
+            caller_scenario=PROXIED_CALLER_SCENARIO, injection=injection,
+            callee_port=callee_port, watch=kamailio.pids, alive=kamailio.alive,
+            retransmittable_per_call=RETRANSMITTABLE_PER_CALL,
+            callee_scenario=UNORDERED_CALLEE_SCENARIO,
+        )
+    finally:
+        kamailio.stop()
+    result.update(
+        server=(f"Kamailio 5.6 stateful proxy ({KAMAILIO_CHILDREN} UDP workers): tm, "
+                "record-route, digest on INVITE (htable), static destination"),
+        callers=len(callers),
+    )
+    return result
+
+
+def call_ratios(results: dict) -> dict[str, float]:
+    """switch / peer of the highest clean calls/s, for each peer that has one."""
+    switch = (results.get("switch_calls") or {}).get("highest_clean_rate")
+    ratios: dict[str, float] = {}
+    for key, name in (("sippy_calls", "switch_to_sippy_ratio"),
+                      ("kamailio_proxy", "switch_to_kamailio_ratio")):
+        peer = (results.get(key) or {}).get("highest_clean_rate")
+        if switch and peer:
+            ratios[name] = round(switch / peer, 3)
+    return ratios
+
+
 def run_calls(quick: bool, workdir: Path) -> dict:
-    """Both ramps and their ratio; a ramp that cannot run records its error."""
+    """The three ramps and the ratios; a ramp that cannot run records its error."""
     plan = CallsPlan.quick() if quick else CallsPlan.full()
     results: dict = {"criteria": plan.criteria()}
-    for key, function in (("switch_calls", switch_calls), ("sippy_calls", sippy_calls)):
+    for key, function in (("switch_calls", switch_calls), ("sippy_calls", sippy_calls),
+                          ("kamailio_proxy", kamailio_calls)):
         if key != "switch_calls":
             time.sleep(plan.pause_between_steps_s)
         try:
@@ -546,8 +629,5 @@ def run_calls(quick: bool, workdir: Path) -> dict:
         except BenchError as error:
             print(f"bench: {key}: {error}", file=sys.stderr, flush=True)
             results[key] = {"error": str(error)}
-    switch = results["switch_calls"].get("highest_clean_rate")
-    sippy = results["sippy_calls"].get("highest_clean_rate")
-    if switch and sippy:
-        results["switch_to_sippy_ratio"] = round(switch / sippy, 3)
+    results.update(call_ratios(results))
     return results

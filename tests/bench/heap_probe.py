@@ -66,6 +66,10 @@ def _short(filename: str) -> str:
 def main() -> int:
     signal.signal(signal.SIGUSR1, _start)
     signal.signal(signal.SIGUSR2, _report)
+    # run as a script, this folder is sys.path[0]: its fairuse.py would shadow the
+    # project's fairuse package the switch imports
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
     from switch.cli import main as switch_main
 
     return switch_main(["run", *sys.argv[1:]])

@@ -291,11 +291,14 @@ def ensure_kamailio() -> str | None:
 
 @dataclass
 class KamailioProcess:
-    """Kamailio with the shared benchmark cfg (UDP 127.0.0.1:5080), run folder of ours."""
+    """Kamailio with the shared benchmark cfg (UDP 127.0.0.1:5080), run folder of ours.
+    ``defines`` are the cfg's ``-A`` options, e.g. ``WITH_INVITE_AUTH`` (407 on INVITE) or
+    ``STATIC_DST="sip:127.0.0.1:PORT"`` (where INVITEs to unregistered users go)."""
 
     peers: Path
     run_dir: Path
     children: int = 4
+    defines: list[str] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     main_pid: int = 0
 
@@ -309,7 +312,8 @@ class KamailioProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         script = self.peers / "kamailio" / "start_kamailio.sh"
         result = subprocess.run(
-            ["bash", str(script), "-A", f"CHILDREN={self.children}"],
+            ["bash", str(script), "-A", f"CHILDREN={self.children}",
+             *(arg for define in self.defines for arg in ("-A", define))],
             env=self._env(), capture_output=True, text=True, timeout=60,
         )
         if result.returncode != 0:
@@ -325,6 +329,9 @@ class KamailioProcess:
             ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10
         )
         return [int(p) for p in result.stdout.split()]
+
+    def alive(self) -> bool:
+        return bool(self.main_pid) and _alive(self.main_pid)
 
     def stop(self) -> None:
         script = self.peers / "kamailio" / "stop_kamailio.sh"

@@ -136,7 +136,8 @@ def _ramp(
         "achieved_at_highest_clean": round(best.achieved_rate, 1) if best else 0,
         "cpu_percent_at_highest_clean": round(best.target_cpu_percent, 1) if best else None,
         "cpu_ms_per_registration": _cpu_ms_per_registration(best) if best else None,
-        "reached_last_step_cleanly": bool(best) and len(steps) == len(plan.steps),
+        "reached_last_step_cleanly": (bool(best) and len(steps) == len(plan.steps)
+                                      and bool(steps[-1]["clean"])),
     }
 
 

@@ -262,37 +262,53 @@ def _verdict(step: dict) -> str:
     return verdict
 
 
+CALL_SERVERS = (
+    ("switch_calls", "softswitch"),
+    ("sippy_calls", "Sippy B2BUA"),
+    ("kamailio_proxy", "Kamailio proxy"),
+)
+
+
 def calls_markdown(results: dict) -> str:
     out = ["# Calls per second through the B2BUA (no media)", "", _machine_line(results), ""]
     criteria = results.get("criteria")
     if criteria:
         out += [f"One call: {criteria['call']}. A step lasts {criteria['step_seconds']:g} s; "
                 f"it is clean with {criteria['clean']}. The ramp stops {criteria['stop']}.", ""]
-    switch = results.get("switch_calls") or {}
-    sippy = results.get("sippy_calls") or {}
-    if switch.get("steps") or sippy.get("steps"):
+    servers = [(results.get(key) or {}, name) for key, name in CALL_SERVERS]
+    if any(data.get("steps") for data, _ in servers):
+        switch = servers[0][0]
         out += [
-            "| measure | softswitch | Sippy B2BUA |",
-            "| --- | --- | --- |",
-            f"| highest clean calls/s | {_num(switch.get('highest_clean_rate'))} | "
-            f"{_num(sippy.get('highest_clean_rate'))} |",
-            f"| CPU at that rate (% of one core) | "
-            f"{_num(switch.get('cpu_percent_at_highest_clean'))} | "
-            f"{_num(sippy.get('cpu_percent_at_highest_clean'))} |",
-            f"| CPU per call (ms) | {_num(switch.get('cpu_ms_per_call'), 3)} | "
-            f"{_num(sippy.get('cpu_ms_per_call'), 3)} |",
+            "| measure | " + " | ".join(name for _, name in servers) + " |",
+            "| --- |" + " --- |" * len(servers),
+            "| highest clean calls/s | "
+            + " | ".join(_num(data.get("highest_clean_rate")) for data, _ in servers) + " |",
+            "| CPU at that rate (% of one core) | "
+            + " | ".join(_num(data.get("cpu_percent_at_highest_clean")) for data, _ in servers)
+            + " |",
+            "| CPU per call (ms) | "
+            + " | ".join(_num(data.get("cpu_ms_per_call"), 3) for data, _ in servers) + " |",
             f"| what it does per call | {switch.get('server', '—')}; digest on INVITE | "
-            f"{sippy.get('server', '—')} |",
+            + " | ".join(data.get("server", "—") for data, _ in servers[1:]) + " |",
         ]
-        ratio = results.get("switch_to_sippy_ratio")
-        if ratio is not None:
-            out += ["", f"softswitch / Sippy (highest clean calls/s): **{ratio:.2f}**"]
-        for data, name in ((switch, "softswitch"), (sippy, "Sippy")):
+        ratios = [(results.get(key), name) for key, name in (
+            ("switch_to_sippy_ratio", "Sippy"), ("switch_to_kamailio_ratio", "Kamailio"))]
+        lines = [f"softswitch / {name} (highest clean calls/s): **{ratio:.2f}**"
+                 for ratio, name in ratios if ratio is not None]
+        if lines:
+            out += ["", *(f"- {line}" for line in lines)]
+        for data, name in servers:
             if data.get("reached_last_step_cleanly"):
                 out += ["", f"{name} was clean at the last step: its figure is a lower bound."]
+        if (results.get("kamailio_proxy") or {}).get("steps"):
+            out += ["", "Kamailio's caller is `uac_call_digest_rr.xml`: the softswitch's call "
+                    "(`uac_call_digest.xml`, 407 on the first INVITE) with the 200's "
+                    "Record-Route set sent back as Route headers on the ACK and the BYE, as a "
+                    "UA does through a record-routing proxy. Kamailio's CPU is the sum of all "
+                    "its processes (several cores), the softswitch's that of its one process."]
         out.append("")
-    out += _outcomes(results, (("switch_calls", "softswitch"), ("sippy_calls", "Sippy")))
-    for key, title in (("switch_calls", "softswitch"), ("sippy_calls", "Sippy B2BUA")):
+    out += _outcomes(results, CALL_SERVERS)
+    for key, title in CALL_SERVERS:
         data = results.get(key) or {}
         if not data.get("steps"):
             continue
@@ -329,13 +345,14 @@ def _pyplot():
 
 
 def calls_plot(results: dict, path: Path) -> bool:
-    """Offered vs achieved calls/s and CPU per step, switch and Sippy."""
+    """Offered vs achieved calls/s and CPU per step: switch, Sippy and Kamailio."""
     plt = _pyplot()
     if plt is None:
         return False
     figure, (axes, cpu_axes) = plt.subplots(1, 2, figsize=(12, 5))
     highest = 0.0
-    for key, name, marker in (("sippy_calls", "Sippy B2BUA 2.5", "s"),
+    for key, name, marker in (("kamailio_proxy", "Kamailio 5.6 proxy (4 workers)", "^"),
+                              ("sippy_calls", "Sippy B2BUA 2.5", "s"),
                               ("switch_calls", "softswitch (1 process)", "o")):
         steps = (results.get(key) or {}).get("steps") or []
         if not steps:
@@ -355,13 +372,13 @@ def calls_plot(results: dict, path: Path) -> bool:
                   label="offered = achieved")
     axes.set_xlabel("offered calls/s (INVITE ... BYE, no media)")
     axes.set_ylabel("achieved successful calls/s")
-    axes.set_title("B2BUA call rate (circled: step not clean; ramp stops)")
+    axes.set_title("call rate (circled: step not clean; ramp stops)")
     axes.grid(True, alpha=0.3)
     if highest:
         axes.legend()
     cpu_axes.set_xlabel("offered calls/s")
-    cpu_axes.set_ylabel("CPU of the B2BUA, % of one core")
-    cpu_axes.set_title("B2BUA CPU per step (same machine as SIPp)")
+    cpu_axes.set_ylabel("CPU of the server (all its processes), % of one core")
+    cpu_axes.set_title("server CPU per step (same machine as SIPp)")
     cpu_axes.grid(True, alpha=0.3)
     if highest:
         cpu_axes.legend()
@@ -774,6 +791,216 @@ def fairuse_plot(results: dict, path: Path) -> bool:
     trips_axes.set_title("Redis, per admitted call")
     trips_axes.grid(True, axis="y", alpha=0.3)
     trips_axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# callmemory.{md,png}: memory per active call
+# --------------------------------------------------------------------------------------
+
+_HELD_SERVERS = (("switch", "softswitch"), ("sippy", "Sippy B2BUA"))
+
+
+def callmemory_markdown(results: dict) -> str:
+    """Memory per active call, switch and Sippy, as Markdown."""
+    out = ["# Memory per active call", "", _machine_line(results), ""]
+    criteria = results.get("criteria")
+    if criteria:
+        out += [
+            f"{criteria['calls']:,} calls set up at {criteria['setup_rate']} calls/s and held "
+            f"{criteria['hold_seconds']:g} s each: {criteria['call']}. Memory per call = "
+            f"{criteria['memory_per_call']}; the settled reading is taken "
+            f"{criteria['settle_seconds']:g} s after the last call was established (the "
+            "calls' transactions, kept 32 s by Timers H, J and L, are gone by then). "
+            f"Clean: {criteria['clean']}.", ""]
+    servers = [(results.get(key) or {}, name) for key, name in _HELD_SERVERS]
+    if any("rss_before" in data for data, _ in servers):
+        def row(title: str, render) -> str:
+            return f"| {title} | " + " | ".join(
+                render(data) if "rss_before" in data else "—" for data, _ in servers) + " |"
+
+        out += [
+            "| measure | " + " | ".join(name for _, name in servers) + " |",
+            "| --- |" + " ---: |" * len(servers),
+            row("**memory per active call** (settled)",
+                lambda d: f"**{_num(d.get('bytes_per_call'))} bytes**"),
+            row("per call right after the last was established",
+                lambda d: f"{_num(d.get('bytes_per_call_established'))} bytes"),
+            row("per call after every call ended", lambda d: (
+                f"{_num(d.get('bytes_per_call_after_calls_ended'))} bytes")),
+            row("RSS before the calls", lambda d: _mib(d.get("rss_before"))),
+            row("RSS with all calls established", lambda d: _mib(d.get("rss_established"))),
+            row("RSS settled, calls still held", lambda d: _mib(d.get("rss_settled"))),
+            row("RSS after the calls ended", lambda d: _mib(d.get("rss_after_calls_ended"))),
+            row("calls in progress at the two readings", lambda d: (
+                f"{_num(d.get('in_progress_at_established'))} / "
+                f"{_num(d.get('in_progress_at_settled'))}")),
+            row("calls ok / failed (caller)", lambda d: (
+                f"{_num(d.get('ok'))} / {_num(d.get('failed'))}")),
+            row("retransmissions (caller)", lambda d: _num(d.get("retransmissions"))),
+            row("clean", lambda d: "yes" if d.get("clean") else
+                "no: " + "; ".join(d.get("problems") or [])),
+            "| what it is | " + " | ".join(data.get("server", "—") for data, _ in servers)
+            + " |",
+        ]
+        ratio = results.get("switch_to_sippy_ratio")
+        if ratio is not None:
+            out += ["", f"softswitch / Sippy (memory per active call, ΔRSS): **{ratio:.2f}**"]
+        heap = (results.get("switch") or {}).get("heap_traced") or {}
+        if heap:
+            verdict = "clean" if heap.get("clean") else (
+                "not clean: " + "; ".join(heap.get("problems") or []))
+            out += [
+                "",
+                "RSS growth can be masked in the softswitch: CPython reuses the heap freed "
+                "after loading the configuration. A second round of "
+                f"{_num(heap.get('calls'))} held calls ran with allocation tracing on "
+                f"(`heap_probe.py`; {verdict}): **{_num(heap.get('bytes_per_call'))} bytes "
+                "of heap per active call** still allocated at the settled reading "
+                f"({_mib(heap.get('traced_bytes'))} in all, "
+                f"{_num(heap.get('in_progress_at_report'))} calls in progress).",
+            ]
+            if heap.get("by_file"):
+                out += ["", "| file | bytes | blocks |", "| --- | ---: | ---: |"]
+                out += [f"| `{row['file']}` | {row['bytes']:,} | {row['blocks']:,} |"
+                        for row in heap["by_file"][:8]]
+        out.append("")
+    out += _outcomes(results, _HELD_SERVERS)
+    errors = (results.get("switch") or {}).get("errors_in_log") or []
+    if errors:
+        out += ["Switch log (level warning), first lines:", ""]
+        out += [f"- `{line}`" for line in errors]
+        out.append("")
+    return "\n".join(out)
+
+
+def callmemory_plot(results: dict, path: Path) -> bool:
+    """RSS of each server over the run (before, set-up, held, after the BYEs)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    figure, axes = plt.subplots(figsize=(10, 5))
+    plotted = False
+    for key, name in _HELD_SERVERS:
+        data = results.get(key) or {}
+        samples = data.get("samples") or []
+        if not samples:
+            continue
+        times = [t for t, _ in samples]
+        rss = [value / 1048576 for _, value in samples]
+        per_call = data.get("bytes_per_call")
+        label = name + (f" ({per_call:,} bytes per call)" if per_call is not None else "")
+        line = axes.plot(times, rss, label=label)[0]
+        for reading in ("rss_before", "rss_established", "rss_settled"):
+            if data.get(reading):
+                axes.axhline(data[reading] / 1048576, color=line.get_color(), linestyle=":",
+                             linewidth=0.8)
+        plotted = True
+    calls = (results.get("criteria") or {}).get("calls")
+    axes.set_xlabel("seconds since the first reading")
+    axes.set_ylabel("VmRSS (MiB)")
+    axes.set_title(f"resident memory while {calls or 'N'} calls are set up, held and ended "
+                   "(dotted: the readings)")
+    axes.grid(True, alpha=0.3)
+    if plotted:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# webrtc.{md,png}: bridged DTLS-SRTP calls per core
+# --------------------------------------------------------------------------------------
+
+
+def webrtc_markdown(results: dict) -> str:
+    """Bridged WebRTC calls per core, as Markdown."""
+    out = ["# Bridged DTLS-SRTP calls per core (WebRTC ↔ RTP)", "", _machine_line(results), ""]
+    criteria = results.get("criteria")
+    if criteria:
+        out += [
+            f"One call: {criteria['call']}. Each step bridges N calls at once for "
+            f"{criteria['seconds']:g} s (N = {', '.join(str(n) for n in criteria['steps'])}). "
+            f"Clean: {criteria['clean']}. The ramp stops {criteria['stop']}. CPU: "
+            f"{criteria['cpu']}.", ""]
+    if "error" in results:
+        out += [f"error: {results['error']}", ""]
+    steps = results.get("steps") or []
+    if steps:
+        out += [
+            "| measure | value |",
+            "| --- | ---: |",
+            f"| largest N with clean bridged media | {_num(results.get('max_clean_calls'))} |",
+            f"| CPU per bridged call there (% of one core) | "
+            f"{_num(results.get('cpu_percent_per_call_at_max'), 2)} |",
+            f"| **bridged calls per core** (simulated peers included) | "
+            f"**{_num(results.get('calls_per_core'), 1)}** |",
+            "",
+            "The simulated browsers and phones run in the bridge's process, so the CPU is "
+            "theirs and the bridges' together: the bridge alone does more calls per core.",
+            "",
+        ]
+        cores = results.get("cpu_cores_at_max")
+        if isinstance(cores, int | float) and cores < 0.9:
+            out += [f"At that N the process used {cores:.2f} of a core: calls per core is "
+                    "N divided by that share, an extrapolation, not a load a core was seen "
+                    "to carry.", ""]
+        if not results.get("packet_rates_checked"):
+            out += ["`run_bench` reports no per-call packet rates, so the 5 % rule could "
+                    "not be applied: a call counts as flowing (its `calls_flowing`) when at "
+                    "least 90 % of 50 packets/s arrived at both ends.", ""]
+        if results.get("reached_last_step_cleanly"):
+            out += ["Clean at the largest N tried: larger N were not measured.", ""]
+        out += ["| N | calls flowing | errors | CPU (cores) | CPU per call (% of a core) | "
+                "calls per core | wall (s) | clean |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for step in steps:
+            result = step.get("result") or {}
+            verdict = "yes" if step["clean"] else "no: " + "; ".join(step["problems"])
+            for earlier in step.get("earlier_attempts") or []:
+                verdict += " (earlier try: " + "; ".join(earlier["problems"]) + ")"
+            out.append(
+                f"| {step['calls']} | {_num(result.get('calls_flowing'))} | "
+                f"{_num(result.get('errors'))} | {_num(result.get('cpu_cores_used'), 2)} | "
+                f"{_num(step.get('cpu_percent_per_call'), 2)} | "
+                f"{_num(step.get('calls_per_core'), 1)} | {_num(step.get('wall_seconds'), 1)} "
+                f"| {verdict} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def webrtc_plot(results: dict, path: Path) -> bool:
+    """CPU cores used and calls per core against the number of bridged calls."""
+    plt = _pyplot()
+    steps = [s for s in results.get("steps") or []
+             if (s.get("result") or {}).get("cpu_cores_used") is not None]
+    if plt is None or not steps:
+        return False
+    figure, (cpu_axes, per_core_axes) = plt.subplots(1, 2, figsize=(12, 5))
+    calls = [s["calls"] for s in steps]
+    cores = [s["result"]["cpu_cores_used"] for s in steps]
+    per_core = [s.get("calls_per_core") or 0 for s in steps]
+    cpu_axes.plot(calls, cores, marker="o", label="bridge + simulated peers")
+    per_core_axes.plot(calls, per_core, marker="o", label="calls per core")
+    bad = [(s["calls"], s["result"]["cpu_cores_used"]) for s in steps if not s["clean"]]
+    if bad:
+        cpu_axes.scatter(*zip(*bad, strict=True), s=160, facecolors="none", edgecolors="red",
+                         linewidths=2, label="not clean")
+    cpu_axes.axhline(1.0, color="grey", linestyle=":", label="one core")
+    cpu_axes.set_xlabel("bridged calls at once")
+    cpu_axes.set_ylabel("CPU cores used")
+    cpu_axes.set_title("CPU of the bridging process (circled: not clean)")
+    per_core_axes.set_xlabel("bridged calls at once")
+    per_core_axes.set_ylabel("bridged calls per core")
+    per_core_axes.set_title("bridged DTLS-SRTP calls per core")
+    for axes in (cpu_axes, per_core_axes):
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
