@@ -137,7 +137,9 @@ def _read_token(text: str, pos: int) -> tuple[str, int]:
 # backslash before CR/LF, makes the quoted-string end early and the match fail).
 _AUTH_PARAM_RE = re.compile(
     r"[ \t\r\n,]*(?P<name>[A-Za-z0-9\-.!%*_+`'~]+)[ \t\r\n]*=[ \t\r\n]*"
-    r"(?:\"(?P<quoted>(?:[^\"\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\\[^\r\n])*)\""
+    # the quoted-string's content: runs of plain characters between quoted-pairs
+    r"(?:\"(?P<quoted>[^\"\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*"
+    r"(?:\\[^\r\n][^\"\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*)*)\""
     r"|(?P<token>[A-Za-z0-9\-.!%*_+`'~]+))[ \t\r\n]*"
 )
 _ONLY_SEPARATORS_RE = re.compile(r"[ \t\r\n,]*")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import random
 import re
 import time
 from collections.abc import Callable
@@ -192,7 +193,8 @@ class CallControl:
         self.wall_clock = wall_clock
         self.emergency = emergency  # e911.service.EmergencyService (None: plain hand-off)
         self.fairuse = None  # fairuse.service.FairUseService (None: no fair-use policy)
-        self.overloaded = False  # set by the switch's event-loop lag watch
+        # the share of new ordinary calls refused with 503 (Softswitch._watch_overload)
+        self.shed_fraction = 0.0
         self.calls: dict[str, Call] = {}
         # calls carried by each trunk, oldest first (channel limits, emergency preemption)
         self.trunk_calls: dict[str, list[Call]] = {}
@@ -267,9 +269,22 @@ class CallControl:
         suffix = "" if flow.transport == "udp" else f";transport={flow.transport}"
         return f"<sip:{user}@{self._sent_by(flow)}{suffix}>"
 
+    @property
+    def overloaded(self) -> bool:
+        return self.shed_fraction > 0.0
+
+    @overloaded.setter
+    def overloaded(self, value: bool) -> None:
+        """Shed all new ordinary calls (True) or none (False)."""
+        self.shed_fraction = 1.0 if value else 0.0
+
+    def _shed(self) -> bool:
+        fraction = self.shed_fraction
+        return fraction > 0.0 and (fraction >= 1.0 or random.random() < fraction)
+
     # -- new calls ---------------------------------------------------------------------
     def on_invite(self, request: SipRequest, transaction: ServerTransaction) -> None:
-        if self.overloaded and not self._dials_emergency(request):
+        if self._shed() and not self._dials_emergency(request):
             # the event loop lags: new ordinary calls are shed at once, so that the
             # calls in progress and emergency calls keep the processor they need
             self.metrics.sip_requests_rejected.labels("INVITE", "503").inc()

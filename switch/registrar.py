@@ -251,7 +251,7 @@ class Registrar:
         headers = [
             ("Contact", _contact_value(b.contact, b.expires_in(now), b.q)) for b in bindings
         ]
-        headers.append(("Date", formatdate(now, usegmt=True)))
+        headers.append(("Date", _http_date(now)))
         return self._reply(request, 200, "OK", headers, result=result)
 
     def _contact_update(self, request: SipRequest, contact) -> ContactUpdate | SipResponse:
@@ -291,6 +291,18 @@ class Registrar:
             instance_id=contact.params.get("+sip.instance"),
             reg_id=int(reg_id) if reg_id and reg_id.isdigit() else None,
         )
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _http_date(now: float) -> str:
+    """The Date header value (RFC 3261 §20.17) for ``now``; formatted once per second."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, formatdate(second, usegmt=True))
+    return _last_date[1]
 
 
 def _over_websocket(request: SipRequest) -> bool:

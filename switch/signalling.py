@@ -47,6 +47,11 @@ log = structlog.get_logger("switch.signalling")
 # Retry-After of a request shed under overload: spread so phones do not return together
 SHED_RETRY_AFTER_S = (5, 15)
 
+# the headers a shed REGISTER's 503 copies (RFC 3261 §8.2.6.2), by raw name and compact form
+_SHED_COPIED = {b"via": b"Via", b"v": b"Via", b"from": b"From", b"f": b"From", b"to": b"To",
+                b"t": b"To", b"call-id": b"Call-ID", b"i": b"Call-ID", b"cseq": b"CSeq"}
+_SHED_REQUIRED = frozenset(_SHED_COPIED.values())
+
 # Transports whose every unit (datagram, WebSocket message) is exactly one SIP message.
 MESSAGE_FRAMED_TRANSPORTS = frozenset({"udp", "ws", "wss"})
 
@@ -83,6 +88,8 @@ class SignallingCore:
             self._on_message, max_message_size=max_message_size, on_event=self._on_transport_event
         )
         self.transactions = TransactionLayer(timers)
+        # read when scraped: setting the gauge after every message cost a lock per message
+        metrics.transactions_active.set_function(lambda: len(self.transactions))
         self.handlers: dict[str, RequestHandler] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
@@ -96,9 +103,9 @@ class SignallingCore:
         # handler coroutines started eagerly and waiting on a future (see _start_eagerly)
         self._suspended: set[Coroutine[Any, Any, None]] = set()
         self.closing = False
-        # set while the event loop lags (Softswitch._watch_overload): new registrations and
-        # other out-of-dialog requests but OPTIONS get 503 with Retry-After
-        self.overloaded = False
+        # the share of new registrations (and other out-of-dialog requests but OPTIONS)
+        # answered 503 with Retry-After, set by Softswitch._watch_overload
+        self.shed_fraction = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
     async def listen(
@@ -108,6 +115,19 @@ class SignallingCore:
         """Listen for SIP: udp, tcp, tls (needs ssl_context), ws or wss (RFC 7118; wss
         needs ssl_context; `path` is the HTTP path the WebSocket upgrade is served on)."""
         return await self.transports.listen(transport, host, port, ssl_context, path=path)
+
+    @property
+    def overloaded(self) -> bool:
+        return self.shed_fraction > 0.0
+
+    @overloaded.setter
+    def overloaded(self, value: bool) -> None:
+        """Shed all new work (True) or none (False)."""
+        self.shed_fraction = 1.0 if value else 0.0
+
+    def _shed(self) -> bool:
+        fraction = self.shed_fraction
+        return fraction > 0.0 and (fraction >= 1.0 or random.random() < fraction)
 
     def register_handler(self, method: str, handler: RequestHandler) -> None:
         self.handlers[method] = handler
@@ -145,6 +165,8 @@ class SignallingCore:
                           remote=f"{flow.remote[0]}:{flow.remote[1]}")
 
     def _receive(self, data: bytes, flow: Flow) -> None:
+        if self.shed_fraction and data.startswith(b"REGISTER ") and self._shed_early(data, flow):
+            return
         # a UDP datagram and a WebSocket message (RFC 7118 §5.3) each hold one whole
         # message: Content-Length is optional there (still checked when present)
         message = parse_message_safe(
@@ -166,6 +188,44 @@ class SignallingCore:
                 message, flow, reliable=flow.transport != "udp", now=now
             )
         )
+
+    def _shed_early(self, data: bytes, flow: Flow) -> bool:
+        """Past saturation, a share of new REGISTERs (without credentials: one carrying
+        them completes a registration already challenged) is answered 503 with Retry-After
+        straight from its raw header lines. Shedding after the full parse saved little:
+        parsing is most of what a request costs. Anything unusual (folding, a missing
+        header) goes the normal way."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = data[:end]
+        if b"\nauthorization" in head.lower() or not self._shed():
+            return False
+        copied: list[bytes] = []
+        seen: set[bytes] = set()
+        for line in head.split(b"\r\n")[1:]:
+            if line[:1] in (b" ", b"\t"):
+                return False  # folded: leave it to the parser
+            name, colon, value = line.partition(b":")
+            key = _SHED_COPIED.get(name.strip().lower())
+            if not colon or key is None:
+                continue
+            if key == b"To" and b";tag=" not in value.replace(b" ", b"").lower():
+                line += b";tag=" + secrets.token_hex(6).encode()
+            copied.append(line)
+            seen.add(key)
+        if len(seen) != len(_SHED_REQUIRED):
+            return False
+        retry_after = random.randint(*SHED_RETRY_AFTER_S)
+        response = b"\r\n".join([
+            b"SIP/2.0 503 Overloaded, try again later", *copied,
+            b"Retry-After: %d" % retry_after, b"Server: " + self.server_header.encode(),
+            b"Content-Length: 0", b"", b""])
+        self.metrics.message_in("REGISTER", None)
+        self.metrics.sip_requests_rejected.labels("REGISTER", "503").inc()
+        self.metrics.message_out("REGISTER", 503)
+        self.transports.send(response, flow)
+        return True
 
     def _bad_message(self, error: SipParseError, flow: Flow) -> None:
         answered = error.can_respond
@@ -201,7 +261,6 @@ class SignallingCore:
                 self.metrics.sip_parse_errors.labels("any", "false").inc()
                 log.info("sip.unmatchable_message", reason=event.reason)
         self._rearm_timer()
-        self.metrics.transactions_active.set(len(self.transactions))
 
     def _send(self, message: SipRequest | SipResponse, flow: Flow) -> None:
         if isinstance(message, SipResponse):
@@ -238,7 +297,6 @@ class SignallingCore:
         except Exception:
             log.exception("sip.timer_failed")
             self._rearm_timer()
-        self.metrics.transactions_active.set(len(self.transactions))
 
     # -- requests to services -------------------------------------------------------------
     @staticmethod
@@ -292,7 +350,8 @@ class SignallingCore:
             self.invite_handler(request, transaction)
             return
         handler = self.handlers.get(request.method)
-        if handler is not None and self.overloaded and request.method != "OPTIONS":
+        if (handler is not None and request.method != "OPTIONS" and self.shed_fraction
+                and request.header("Authorization") is None and self._shed()):
             # past saturation new registrations are shed at once, statelessly, with a
             # spread-out Retry-After: the processor stays with the calls in progress and
             # emergency calls, and phones come back later instead of retransmitting into

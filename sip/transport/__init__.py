@@ -220,6 +220,13 @@ class TransportLayer:
             data, transport, resolved, local=local, server_hostname=server_hostname
         )
 
+    def udp_receive_queue_fill(self) -> float | None:
+        """The fullest UDP listener's receive buffer (0..1): a queue that builds up means
+        datagrams arrive faster than they are handled. None when unknown or no UDP."""
+        fills = [queue[0] for endpoint in self._udp.values()
+                 if (queue := endpoint.receive_queue()) is not None]
+        return max(fills) if fills else None
+
     def listeners(self) -> list[tuple[str, str, int]]:
         """(transport, host, port) of every listening socket."""
         udp = [(UDP, local[0], local[1]) for local in self._udp]

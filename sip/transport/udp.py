@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Final, cast
 
 from sip.transport.base import (
@@ -22,6 +23,10 @@ __all__ = ["UDP_SOCKET_BUFFER_SIZE", "UdpEndpoint", "open_udp_endpoint"]
 
 UDP_SOCKET_BUFFER_SIZE: Final = 4 * 1024 * 1024
 _NO_REMOTE: Final = ("", 0)
+# getsockopt(SOL_SOCKET, SO_MEMINFO) (Linux): nine u32, [0] bytes queued for reading,
+# [1] the receive buffer's size, [8] datagrams dropped because it was full
+_SO_MEMINFO: Final = getattr(socket, "SO_MEMINFO", 55)
+_MEMINFO = struct.Struct("9I")
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -74,6 +79,20 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+
+    def receive_queue(self) -> tuple[float, int] | None:
+        """How full the socket's receive buffer is (0..1) and how many datagrams the kernel
+        dropped so far for lack of room; None where the kernel does not tell (not Linux)."""
+        transport = self._transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO,
+                                                   _MEMINFO.size))
+        except (OSError, struct.error):
+            return None
+        return (info[0] / info[1] if info[1] else 0.0), info[8]
 
     @property
     def is_open(self) -> bool:

@@ -334,8 +334,9 @@ async def test_retransmitted_authenticated_register_is_answered_identically_once
 async def test_registrations_are_shed_with_503_and_retry_after_while_overloaded(
     running, udp_peer: UdpPeer
 ) -> None:
-    """Past saturation (the event loop lags) a new REGISTER gets a stateless 503 with a
-    Retry-After of 5–15 s and reaches no handler; OPTIONS is still answered; once the
+    """Past saturation a new REGISTER gets a stateless 503 with a Retry-After of 5–15 s
+    and reaches no handler (answered from its raw lines, or after the parse when they are
+    unusual); OPTIONS is still answered; a REGISTER with credentials is not shed; once the
     overload ends registrations are challenged again."""
     switch, _ = running
     switch.core.overloaded = True
@@ -349,11 +350,30 @@ async def test_registrations_are_shed_with_503_and_retry_after_while_overloaded(
         "softswitch_registrar_registrations_total", {"result": "challenged"}) == 0
     assert switch.metrics.value(
         "softswitch_sip_requests_rejected_total", {"method": "REGISTER", "status": "503"}) == 1
+    assert shed.to.tag and shed.call_id and shed.cseq.method == "REGISTER"
+    assert shed.top_via.branch  # answered along the request's Via
     udp_peer.send(request("OPTIONS", via=udp_via(udp_peer)))
     assert (await udp_peer.response()).status == 200
     switch.core.overloaded = False
     udp_peer.send(request("REGISTER", via=udp_via(udp_peer), extra=contact))
-    assert (await udp_peer.response()).status == 401
+    challenge = await udp_peer.response()
+    assert challenge.status == 401
+    # a REGISTER with credentials completes a registration already challenged: not shed
+    switch.core.overloaded = True
+    authorization = build_authorization(
+        choose_challenge(challenge.header_lines("WWW-Authenticate")),
+        "REGISTER", "sip:example.com", "alice", "alice-secret-1",
+    )
+    udp_peer.send(request("REGISTER", via=udp_via(udp_peer),
+                          extra=f"{contact}Authorization: {authorization}\r\n"))
+    assert (await udp_peer.response()).status == 200
+    # a folded header line: not shed from raw lines, but after the full parse
+    folded = request("REGISTER", via=udp_via(udp_peer),
+                     extra=f"Contact:\r\n <sip:alice@127.0.0.1:{udp_peer.port}>\r\n")
+    udp_peer.send(folded)
+    assert (await udp_peer.response()).status == 503
+    assert switch.metrics.value(
+        "softswitch_sip_requests_rejected_total", {"method": "REGISTER", "status": "503"}) == 2
 
 
 async def test_register_with_digest_over_udp_records_the_real_flow(
