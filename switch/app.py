@@ -81,10 +81,11 @@ class LoadWatch:
     buffers are (the kernel's queue of datagrams not read yet).
 
     * lag over 250 ms (the loop runs late): shed every new call and registration;
-    * the receive queue over 25 % full (datagrams arrive faster than they are handled —
-      past that the kernel drops them and phones retransmit into the queue), or, for a
-      switch without that signal, the thread busy over 97 %: shed 10 % more, at most 90 %;
-    * no lag, the queue (nearly) empty and the thread under 97 %: shed 5 % less.
+    * the receive queue over 25 % full and not shrinking (datagrams arrive faster than
+      they are handled — past that the kernel drops them and phones retransmit into the
+      queue), or, for a switch without that signal, the thread busy over 97 %: shed 10 %
+      more, at most 90 %;
+    * no lag, the queue under 10 % full and the thread under 97 %: shed 5 % less.
 
     A busy switch that keeps its queue empty is coping: it sheds nothing. Shedding a share,
     not everything, keeps it serving at capacity while the excess is told to come back
@@ -97,7 +98,7 @@ class LoadWatch:
 
     def __init__(self, *, high_lag: float = 0.25, low_lag: float = 0.05,
                  high_busy: float = 0.97, high_queue: float = 0.25,
-                 low_queue: float = 0.02) -> None:
+                 low_queue: float = 0.1) -> None:
         self.high_lag, self.low_lag = high_lag, low_lag
         self.high_busy = high_busy
         self.high_queue, self.low_queue = high_queue, low_queue
@@ -116,11 +117,14 @@ class LoadWatch:
         was = self.overloaded
         self.lag = 0.7 * self.lag + 0.3 * max(0.0, lag)  # one slow turn is not overload
         self.busy = 0.5 * self.busy + 0.5 * min(1.0, max(0.0, busy))
-        self.queue = queue
+        previous, self.queue = self.queue, queue
         if queue is None:
             backlog, drained = self.busy > self.high_busy, self.busy <= self.high_busy
         else:
-            backlog, drained = queue > self.high_queue, queue < self.low_queue
+            # more only while the queue is long and not draining yet: once the share shed
+            # is enough, the queue shrinks and the share holds, then eases off
+            backlog = queue > self.high_queue and queue >= (previous or 0.0)
+            drained = queue < self.low_queue
         if self.lag > self.high_lag:
             self.shed = 1.0
         elif backlog:

@@ -73,3 +73,13 @@ def test_a_filling_receive_queue_raises_the_share_and_an_empty_one_lowers_it() -
     assert watch.shed == LoadWatch.MAX_PARTIAL
     changes = [watch.sample(lag=0.0, busy=0.8, queue=0.0) for _ in range(40)]
     assert changes.count(False) == 1 and watch.shed == 0.0
+
+
+def test_a_long_queue_that_shrinks_holds_the_share_instead_of_raising_it() -> None:
+    watch = LoadWatch()
+    for fill in (0.3, 0.4, 0.5):
+        watch.sample(lag=0.0, busy=1.0, queue=fill)
+    share = watch.shed
+    for fill in (0.45, 0.4, 0.3, 0.26):  # enough is shed now: the backlog drains
+        assert watch.sample(lag=0.0, busy=1.0, queue=fill) is None
+    assert watch.shed == share
