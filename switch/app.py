@@ -116,7 +116,8 @@ class LoadWatch:
         """Take one sample (``queue``: the receive buffers' fill, None when unknown);
         True when shedding starts, False when it ends, else None."""
         was = self.overloaded
-        self.lag = 0.7 * self.lag + 0.3 * max(0.0, lag)  # one slow turn is not overload
+        # one slow turn (a garbage collection of a second, say) is not overload
+        self.lag = 0.8 * self.lag + 0.2 * max(0.0, lag)
         self.busy = 0.5 * self.busy + 0.5 * min(1.0, max(0.0, busy))
         previous, self.queue = self.queue, queue
         if queue is None:

@@ -30,7 +30,7 @@ KAMAILIO_PORT = 5080
 # before reading memory
 TRANSACTION_SETTLE_S = 35.0
 # share of the highest clean rate used to register every device of the memory scenario
-BULK_RATE_SHARE = 0.75
+BULK_RATE_SHARE = 0.5
 # the last bindings registered with allocation tracing on, at this share of the clean rate
 TRACED_BINDINGS = 10_000
 TRACED_RATE_SHARE = 0.4

@@ -585,6 +585,11 @@ def caller_username(account_index: int) -> str:
     return f"a{account_index + 1:03d}"
 
 
+# the devices are desk phones at the emergency site of switch_config_text (a device with
+# no location cannot place ordinary calls once sites are configured)
+_AT_SITE = "kind: desk_phone, site: hq, location: floor1"
+
+
 def relay_config_text(port: int, calls: int) -> str:
     """Accounts of one caller and up to 999 callees each (callee extension = the port of
     its generator socket), the built-in relay with a range for every call, no media
@@ -595,12 +600,13 @@ def relay_config_text(port: int, calls: int) -> str:
         caller = caller_username(account)
         lines += [f"  - id: relay{account + 1:03d}", "    devices:",
                   f'      - {{extension: "{CALLER_EXTENSION}", username: "{caller}", '
-                  f'password: "{device_password(caller)}"}}']
+                  f'password: "{device_password(caller)}", {_AT_SITE}}}']
         first = account * CALLEES_PER_ACCOUNT
         for index in range(first, min(calls, first + CALLEES_PER_ACCOUNT)):
             user = callee_username(index)
             lines.append(f'      - {{extension: "{CALLEE_PORT_BASE + index}", '
-                         f'username: "{user}", password: "{device_password(user)}"}}')
+                         f'username: "{user}", password: "{device_password(user)}", '
+                         f'{_AT_SITE}}}')
     lines += [
         "media:",
         f"  {{backend: relay, bind_host: {LOOPBACK}, port_min: {RELAY_PORT_MIN}, "
