@@ -81,12 +81,12 @@ class LoadWatch:
     buffers are (the kernel's queue of datagrams not read yet).
 
     * lag over 250 ms (the loop runs late): shed every new call and registration;
-    * the receive queue over 5 % full (of 4 MiB: some 50–100 ms of work waiting) and not
-      shrinking — datagrams arrive faster than they are handled; a longer queue delays
-      every answer past the phones' 500 ms retransmission timer, then the kernel drops
-      and phones retransmit into the queue — or, for a switch without that signal, the
-      thread busy over 97 %: shed 10 % more, at most 90 %;
-    * no lag, the queue under 2 % full and the thread under 97 %: shed 5 % less.
+    * the receive queue over half full and not shrinking — datagrams arrive faster than
+      they are handled, answers already come later than the phones' 500 ms
+      retransmission timer, and the kernel is about to drop what its buffer cannot hold —
+      or, for a switch without that signal, the thread busy over 97 %: shed 10 % more,
+      at most 90 %;
+    * no lag, the queue under 10 % full and the thread under 97 %: shed 5 % less.
 
     A busy switch that keeps its queue empty is coping: it sheds nothing. Shedding a share,
     not everything, keeps it serving at capacity while the excess is told to come back
@@ -98,8 +98,8 @@ class LoadWatch:
     MAX_PARTIAL = 0.9
 
     def __init__(self, *, high_lag: float = 0.25, low_lag: float = 0.05,
-                 high_busy: float = 0.97, high_queue: float = 0.05,
-                 low_queue: float = 0.02) -> None:
+                 high_busy: float = 0.97, high_queue: float = 0.5,
+                 low_queue: float = 0.1) -> None:
         self.high_lag, self.low_lag = high_lag, low_lag
         self.high_busy = high_busy
         self.high_queue, self.low_queue = high_queue, low_queue

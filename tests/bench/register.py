@@ -33,7 +33,7 @@ TRANSACTION_SETTLE_S = 35.0
 BULK_RATE_SHARE = 0.5
 # the last bindings registered with allocation tracing on, at this share of the clean rate
 TRACED_BINDINGS = 10_000
-TRACED_RATE_SHARE = 0.4
+TRACED_RATE_SHARE = 0.25
 
 
 @dataclass

@@ -58,18 +58,18 @@ def test_samples_out_of_range_are_clamped() -> None:
 def test_with_a_receive_queue_signal_a_busy_switch_that_keeps_up_sheds_nothing() -> None:
     watch = LoadWatch()
     for _ in range(50):  # the thread is saturated, but no datagram waits
-        assert watch.sample(lag=0.0, busy=1.0, queue=0.01) is None
+        assert watch.sample(lag=0.0, busy=1.0, queue=0.2) is None
     assert watch.shed == 0.0
 
 
 def test_a_filling_receive_queue_raises_the_share_and_an_empty_one_lowers_it() -> None:
     watch = LoadWatch()
-    assert watch.sample(lag=0.0, busy=1.0, queue=0.4) is True
+    assert watch.sample(lag=0.0, busy=1.0, queue=0.6) is True
     assert watch.shed == LoadWatch.STEP_UP
     for _ in range(20):
-        watch.sample(lag=0.0, busy=1.0, queue=0.6)
+        watch.sample(lag=0.0, busy=1.0, queue=0.7)
     assert watch.shed == LoadWatch.MAX_PARTIAL
-    watch.sample(lag=0.0, busy=0.9, queue=0.03)  # between the marks: hold
+    watch.sample(lag=0.0, busy=0.9, queue=0.3)  # between the marks: hold
     assert watch.shed == LoadWatch.MAX_PARTIAL
     changes = [watch.sample(lag=0.0, busy=0.8, queue=0.0) for _ in range(40)]
     assert changes.count(False) == 1 and watch.shed == 0.0
@@ -77,9 +77,9 @@ def test_a_filling_receive_queue_raises_the_share_and_an_empty_one_lowers_it() -
 
 def test_a_long_queue_that_shrinks_holds_the_share_instead_of_raising_it() -> None:
     watch = LoadWatch()
-    for fill in (0.1, 0.2, 0.3):
+    for fill in (0.55, 0.65, 0.75):
         watch.sample(lag=0.0, busy=1.0, queue=fill)
     share = watch.shed
-    for fill in (0.25, 0.2, 0.1, 0.06):  # enough is shed now: the backlog drains
+    for fill in (0.7, 0.6, 0.55, 0.51):  # enough is shed now: the backlog drains
         assert watch.sample(lag=0.0, busy=1.0, queue=fill) is None
     assert watch.shed == share
