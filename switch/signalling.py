@@ -381,7 +381,7 @@ class SignallingCore:
             waiting_for = context.run(coro.send, None)
         except StopIteration:
             return
-        except BaseException:
+        except Exception:  # _run_handler answers 500 itself: this is a last resort
             log.exception("sip.handler_failed")
             return
         loop = asyncio.get_running_loop()
