@@ -38,7 +38,7 @@ from .dialplan import DialPlan
 from .directory import DeviceDirectory
 from .keepalive import ContactKeepalive
 from .lifecycle import AvailabilityTracker, availability_path, drain
-from .location import BindingStore, create_store
+from .location import BindingStore, MemoryBindingStore, create_store
 from .metrics import SwitchMetrics
 from .registrar import Registrar
 from .settings import ConfigError, Settings, load_settings
@@ -240,8 +240,11 @@ class Softswitch:
         self.admin = AdminServer(self, settings.admin)
         self.admin.add_routes(register_dashboard)
         self.admin.add_routes(register_softphone, openapi_paths=SOFTPHONE_OPENAPI_PATHS)
-        self.core.register_handler("REGISTER", self.registrar.handle_register)
-        self.core.register_handler("OPTIONS", self.handle_options)
+        # a registrar on the in-memory store answers without waiting: run it eagerly; one
+        # on Redis awaits redis-py, whose timeouts need a task around them
+        self.core.register_handler("REGISTER", self.registrar.handle_register,
+                                   eager=isinstance(self.store, MemoryBindingStore))
+        self.core.register_handler("OPTIONS", self.handle_options, eager=True)
         self.listening: list[tuple[str, str, int]] = []
         self._messages: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []

@@ -91,6 +91,7 @@ class SignallingCore:
         # read when scraped: setting the gauge after every message cost a lock per message
         metrics.transactions_active.set_function(lambda: len(self.transactions))
         self.handlers: dict[str, RequestHandler] = {}
+        self._eager: set[str] = set()  # methods whose handlers start eagerly
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._listeners: dict[object, ResponseListener] = {}
@@ -129,8 +130,17 @@ class SignallingCore:
         fraction = self.shed_fraction
         return fraction > 0.0 and (fraction >= 1.0 or random.random() < fraction)
 
-    def register_handler(self, method: str, handler: RequestHandler) -> None:
+    def register_handler(self, method: str, handler: RequestHandler, *,
+                         eager: bool = False) -> None:
+        """Serve a method. ``eager``: the handler runs at once in the receive callback up
+        to its first wait, as most answer without waiting (see `_start_eagerly`); leave it
+        off for a handler that may await code needing a task around it (redis-py's
+        timeouts use ``asyncio.timeout``, which refuses to run outside a task)."""
         self.handlers[method] = handler
+        if eager:
+            self._eager.add(method)
+        else:
+            self._eager.discard(method)
 
     @property
     def allowed_methods(self) -> set[str]:
@@ -370,7 +380,13 @@ class SignallingCore:
                 headers=[("Server", self.server_header),
                          ("Allow", ", ".join(sorted(self.allowed_methods)))]))
             return
-        self._start_eagerly(self._run_handler(handler, transaction, request))
+        if request.method in self._eager:
+            self._start_eagerly(self._run_handler(handler, transaction, request))
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._run_handler(handler, transaction, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _start_eagerly(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a handler coroutine at once, in its own context, up to its first real wait;

@@ -15,7 +15,7 @@ import pytest
 from conftest import free_port
 
 from sip.digest import build_authorization, choose_challenge
-from sip.message import SipResponse
+from sip.message import SipResponse, make_response
 from sip.parser import parse_message
 from sip.transport import StreamFramer
 from switch.app import Softswitch
@@ -176,6 +176,33 @@ async def test_options_is_answered_200_with_allow(running, udp_peer: UdpPeer) ->
     assert response.to.tag
     assert messages(switch, "in", "OPTIONS") == 1
     assert messages(switch, "out", "OPTIONS", "200") == 1
+
+
+async def test_handlers_run_in_a_task_unless_started_eagerly(running, udp_peer: UdpPeer) -> None:
+    """A handler registered without ``eager`` runs inside a task (redis-py's timeouts
+    need one); an eager one answers from the receive callback, before any loop turn."""
+    switch, _ = running
+    seen: dict[str, object] = {}
+
+    async def in_task(request, flow, now):
+        seen["task"] = asyncio.current_task()
+        async with asyncio.timeout(1.0):  # refuses to run outside a task
+            await asyncio.sleep(0)
+        return make_response(request, 200, "OK", to_tag="t1")
+
+    switch.core.register_handler("OPTIONS", in_task)
+    udp_peer.send(request("OPTIONS", via=udp_via(udp_peer)))
+    assert (await udp_peer.response()).status == 200
+    assert seen["task"] is not None
+
+    async def eager(request, flow, now):
+        seen["eager_task"] = asyncio.current_task()
+        return make_response(request, 200, "OK", to_tag="t2")
+
+    switch.core.register_handler("OPTIONS", eager, eager=True)
+    udp_peer.send(request("OPTIONS", via=udp_via(udp_peer)))
+    assert (await udp_peer.response()).status == 200
+    assert seen["eager_task"] is None
 
 
 async def test_transactions_gauge_follows_the_transaction_layer(
