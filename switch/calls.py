@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import enum
 import itertools
-import random
 import re
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from .identity import identity_for_request, inbound_identity
 from .location import BindingStore
 from .metrics import SwitchMetrics, call_kind_label
 from .registrar import contact_flow
-from .signalling import RequestTimeout, SignallingCore
+from .signalling import RequestTimeout, SignallingCore, should_shed
 from .trunks import TrunkRegistry, answer_challenge, from_header, open_flow, request_uri_for
 
 log = structlog.get_logger("switch.calls")
@@ -279,8 +278,7 @@ class CallControl:
         self.shed_fraction = 1.0 if value else 0.0
 
     def _shed(self) -> bool:
-        fraction = self.shed_fraction
-        return fraction > 0.0 and (fraction >= 1.0 or random.random() < fraction)
+        return should_shed(self.shed_fraction)
 
     # -- new calls ---------------------------------------------------------------------
     def on_invite(self, request: SipRequest, transaction: ServerTransaction) -> None:

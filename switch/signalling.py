@@ -62,6 +62,11 @@ TransactionHandler = Callable[[SipRequest, ServerTransaction], None]
 ResponseListener = Callable[[SipResponse | None], None]
 
 
+def should_shed(fraction: float) -> bool:
+    """Whether to refuse one new request when ``fraction`` of new work is being shed."""
+    return fraction > 0.0 and (fraction >= 1.0 or random.random() < fraction)
+
+
 class RequestTimeout(Exception):
     """A request the switch sent got no final response (Timer B/F) or could not be sent."""
 
@@ -127,8 +132,7 @@ class SignallingCore:
         self.shed_fraction = 1.0 if value else 0.0
 
     def _shed(self) -> bool:
-        fraction = self.shed_fraction
-        return fraction > 0.0 and (fraction >= 1.0 or random.random() < fraction)
+        return should_shed(self.shed_fraction)
 
     def register_handler(self, method: str, handler: RequestHandler, *,
                          eager: bool = False) -> None:
